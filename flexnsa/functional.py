@@ -1,0 +1,96 @@
+"""The public functional API of NSA_SPEC.md: ``nsa_attention`` and ``select_blocks``.
+
+Both validate their inputs (``ValueError`` naming the argument) and dispatch to a backend:
+
+- ``"reference"``: the pure-PyTorch definition in :mod:`flexnsa.reference` (any device, any float
+  dtype, differentiable; O(T^2) memory per head).
+- ``"auto"``: the fastest backend available for the inputs' device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._checks import check_block_indices, check_config, check_nsa_inputs, check_qk, check_scale
+from .config import NSAConfig
+
+__all__ = ["nsa_attention", "select_blocks", "BACKENDS"]
+
+BACKENDS = ("auto", "reference")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "reference"
+    return backend
+
+
+def nsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    gates: torch.Tensor,
+    config: NSAConfig | None = None,
+    *,
+    k_win: torch.Tensor | None = None,
+    v_win: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_indices: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Native Sparse Attention: ``o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win``.
+
+    Args:
+        q: ``[B, HQ, T, Dk]`` queries.
+        k, v: ``[B, HKV, T, Dk]``, ``[B, HKV, T, Dv]``: keys and values of the selection branch
+            (and of the window branch unless ``k_win``/``v_win`` are given). ``HKV`` divides ``HQ``.
+        k_cmp, v_cmp: ``[B, HKV, Tc, Dk]``, ``[B, HKV, Tc, Dv]`` compressed keys and values,
+            ``Tc = config.num_cmp_tokens(T)``; token ``i`` summarises raw tokens ``[i*d, i*d + l)``.
+        gates: ``[B, HQ, T, 3]`` branch gates in [0, 1], order (cmp, slc, win); any float dtype.
+        config: :class:`NSAConfig`; the paper's defaults when None.
+        k_win, v_win: optional window-branch keys/values shaped like ``k``, ``v``.
+        scale: softmax scale, ``1 / sqrt(Dk)`` when None; shared by the three branches.
+        block_indices: optional ``int [B, HKV, T, n]`` selection overriding the top-n (``-1`` marks
+            an unused slot); by default blocks are chosen from the compressed branch's scores.
+        backend: ``"auto"`` or ``"reference"``.
+
+    Returns:
+        ``[B, HQ, T, Dv]`` in ``q.dtype``.
+    """
+    config = check_config(config)
+    check_scale(scale)
+    dims = check_nsa_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win)
+    if block_indices is not None:
+        check_block_indices(block_indices, dims, config)
+    _resolve_backend(backend, q.device)
+    return reference.nsa_attention(
+        q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_indices=block_indices
+    )
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    config: NSAConfig | None = None,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The blocks each query's KV group attends in the selection branch.
+
+    Args:
+        q: ``[B, HQ, T, Dk]``; k_cmp: ``[B, HKV, Tc, Dk]`` with ``Tc = config.num_cmp_tokens(T)``.
+    Returns:
+        ``int32 [B, HKV, T, n]`` block ids (block ``j`` holds tokens ``[j*l', (j+1)*l')``), unused
+        slots ``-1``. Slot order is unspecified; no gradient flows through the selection.
+    """
+    config = check_config(config)
+    check_scale(scale)
+    check_qk(q, k_cmp, config)
+    _resolve_backend(backend, q.device)
+    return reference.select_blocks(q, k_cmp, config, scale)
