@@ -1,0 +1,272 @@
+"""NSA decoding over an :class:`~flexnsa.cache.NSACache`: prefill, single-token and short steps.
+
+A decode step takes the queries of the ``T_new >= 1`` tokens just appended to a layer of the cache
+(positions ``p_r = L - T_new + r``, ``L`` the layer's length after the append) and computes, for
+each of them, exactly the row ``p_r`` of :func:`flexnsa.reference.nsa_attention` over the whole
+sequence held: causal inside the new tokens, so ``T_new`` tokens decoded at once equal ``T_new``
+tokens decoded one by one.
+
+For query position ``p`` (NSA_SPEC.md with ``t = p``):
+
+- compressed: softmax over compressed tokens ``i`` with ``i*d + l - 1 <= p`` (``Tc(p + 1)`` of them);
+- selection: block scores ``sum_{h in group} sum_i w[i, j] p_cmp[h, i]``, eligible blocks
+  ``j <= p // l'``, forced/top-n/ties as in the spec, attention over ``s <= p`` in the chosen blocks;
+- window: ``p - w < s <= p`` over the window branch's K/V;
+- ``o = g_cmp o_cmp + g_slc o_slc + g_win o_win``.
+
+Backends: ``"torch"`` (pure PyTorch on the full capacity of the cache with masks built from the
+on-device length: fixed shapes, any device and dtype), ``"triton"`` (the split-K kernels of
+:mod:`flexnsa.custom_ops.decode_ops`), and ``"auto"``: Triton on CUDA (and on the CPU under
+``TRITON_INTERPRET=1``) for float16/bfloat16/float32, else torch. Neither syncs with the host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+from ._checks import _check_tensor, _expect_shape, check_config, check_scale
+from .cache import CompressFn, NSACache
+from .config import NSAConfig
+from .functional import nsa_attention
+
+__all__ = [
+    "nsa_prefill",
+    "nsa_decode",
+    "nsa_decode_step",
+    "decode_select_blocks",
+    "DECODE_BACKENDS",
+]
+
+DECODE_BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---- validation and dispatch ----------------------------------------------------------------
+def _check_step_inputs(q, cache, layer_idx, gates, config, scale) -> NSAConfig:
+    if not isinstance(cache, NSACache):
+        raise ValueError(f"cache must be a flexnsa.NSACache, got {type(cache).__name__}")
+    cache._check_layer(layer_idx)
+    config = cache.config if config is None else check_config(config)
+    if config != cache.config:
+        raise ValueError(f"config {config} differs from the cache's config {cache.config}")
+    check_scale(scale)
+    _check_tensor("q", q)
+    B, HQ, T_new, Dk = q.shape
+    HKV = cache.num_kv_heads
+    if B != cache.batch_size:
+        raise ValueError(f"q must have the cache's batch size {cache.batch_size}, got shape {tuple(q.shape)}")
+    if HQ < 1 or HQ % HKV:
+        raise ValueError(f"q has {HQ} heads, which must be a multiple of the cache's {HKV} KV heads")
+    if T_new < 1 or T_new > cache.max_len:
+        raise ValueError(f"q must hold 1 .. {cache.max_len} new tokens, got shape {tuple(q.shape)}")
+    if Dk != cache.qk_dim:
+        raise ValueError(f"q must have the cache's head dim Dk={cache.qk_dim}, got shape {tuple(q.shape)}")
+    if q.dtype != cache.dtype:
+        raise ValueError(f"q must have the cache's dtype {cache.dtype}, got {q.dtype}")
+    if q.device != cache.device:
+        raise ValueError(f"q must be on the cache's device {cache.device}, got {q.device}")
+    if gates is not None:
+        _check_tensor("gates", gates)
+        _expect_shape("gates", gates, (B, HQ, T_new, 3), "[B, HQ, T_new, 3]")
+        if gates.device != q.device:
+            raise ValueError(f"gates must be on q's device {q.device}, got {gates.device}")
+    return config
+
+
+def _resolve_backend(backend: str, dtype: torch.dtype, device: torch.device) -> str:
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"backend must be one of {DECODE_BACKENDS}, got {backend!r}")
+    if backend == "triton" and dtype not in _TRITON_DTYPES:
+        raise ValueError(f"backend='triton' needs float16, bfloat16 or float32 inputs, got {dtype}")
+    if backend != "auto":
+        return backend
+    triton_ok = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return "triton" if triton_ok and dtype in _TRITON_DTYPES else "torch"
+
+
+def _default_scale(scale, head_dim: int) -> float:
+    return head_dim**-0.5 if scale is None else float(scale)
+
+
+# ---- the pure-PyTorch path ------------------------------------------------------------------
+def _query_positions(cache: NSACache, layer_idx: int, num_new: int) -> torch.Tensor:
+    """int64 ``[T_new]``: ``L - T_new + r``, read from the device length (no sync)."""
+    return cache.lengths[layer_idx] - num_new + torch.arange(num_new, device=cache.device)
+
+
+def _select_at_positions(scores: torch.Tensor, pos: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """Top-n of ``scores [B, HKV, T_new, NB]`` for queries at positions ``pos [T_new]``.
+
+    :func:`flexnsa.reference.select_from_scores` with row ``r`` standing at position ``pos[r]``
+    instead of ``r``: eligible ``j <= pos // l'``, forced init/local blocks, ties to the lower index.
+    Returns ``int32 [B, HKV, T_new, n]``, ascending, unused slots ``-1``.
+    """
+    NB, n = scores.shape[-1], config.num_selected
+    own = (pos // config.slc_block)[:, None]  # [T_new, 1]
+    j = torch.arange(NB, device=scores.device)[None, :]  # [1, NB]
+    eligible = j <= own
+    forced = eligible & ((j < config.num_init_blocks) | (j > own - config.num_local_blocks))
+    key = torch.where(eligible, scores, float("-inf"))
+    key = torch.where(forced, float("inf"), key)  # [B, HKV, T_new, NB]
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n]
+    chosen = torch.gather(key, -1, order) > float("-inf")
+    idx = torch.sort(torch.where(chosen, order, NB), dim=-1).values
+    idx = torch.where(idx == NB, -1, idx).to(torch.int32)
+    if idx.shape[-1] < n:
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], n - idx.shape[-1]), -1)], dim=-1)
+    return idx
+
+
+def _torch_compressed(q, cache, layer_idx, pos, scale, upcast):
+    """Compressed branch over the whole compressed capacity: ``o_cmp``, ``lse``, logits, visibility."""
+    cfg, layer = cache.config, cache.layers[layer_idx]
+    i = torch.arange(cache.max_cmp, device=q.device)
+    visible = i[None, :] * cfg.cmp_stride + cfg.cmp_block - 1 <= pos[:, None]  # [T_new, max_cmp]
+    o_cmp, lse = reference.masked_attention(q, layer.k_cmp, layer.v_cmp, visible, scale, upcast)
+    return o_cmp, lse, visible
+
+
+def _torch_scores(q, cache, layer_idx, lse, visible, scale) -> torch.Tensor:
+    """Group block scores ``[B, HKV, T_new, NB_max]`` (the reference's ``block_scores``, per position)."""
+    cfg, layer = cache.config, cache.layers[layer_idx]
+    acc = reference.accumulation_dtype(q.dtype)
+    HQ, HKV = q.shape[1], cache.num_kv_heads
+    k_cmp = layer.k_cmp.repeat_interleave(HQ // HKV, dim=1)  # [B, HQ, max_cmp, Dk]
+    logits = (q.to(acc) @ k_cmp.to(acc).transpose(-1, -2)) * scale  # [B, HQ, T_new, max_cmp]
+    lse_safe = torch.where(torch.isinf(lse), 0.0, lse.to(acc))[..., None]
+    probs = torch.where(visible, torch.exp(logits - lse_safe), 0.0)
+    weights = reference.overlap_weights(cfg, cache.max_cmp, cfg.num_blocks(cache.max_len), q.device, acc)
+    return (probs @ weights).unflatten(1, (HKV, HQ // HKV)).sum(dim=2)  # [B, HKV, T_new, NB_max]
+
+
+def torch_decode_step(q, cache, layer_idx, gates, scale, block_indices=None, upcast=True):
+    """Pure-PyTorch decode step (inputs assumed valid). Returns ``(o, block_indices)``.
+
+    ``block_indices`` (``[B, HKV, T_new, n]``) overrides the top-n; ``upcast=False`` keeps the
+    matrix products in the input dtype (the low-precision reference of the tolerance criterion).
+    """
+    cfg, layer = cache.config, cache.layers[layer_idx]
+    T_new, groups = q.shape[2], q.shape[1] // cache.num_kv_heads
+    pos = _query_positions(cache, layer_idx, T_new)  # [T_new]
+    o_cmp, lse, visible = _torch_compressed(q, cache, layer_idx, pos, scale, upcast)
+    if block_indices is None:
+        scores = _torch_scores(q, cache, layer_idx, lse, visible, scale)
+        block_indices = _select_at_positions(scores, pos, cfg)
+    s = torch.arange(cache.max_len, device=q.device)  # key positions
+    causal = s[None, :] <= pos[:, None]  # [T_new, max_len]
+    NB = cfg.num_blocks(cache.max_len)
+    slot = torch.where(block_indices < 0, NB, block_indices).long()  # unused -> dummy column NB
+    picked = torch.zeros(*block_indices.shape[:-1], NB + 1, dtype=torch.bool, device=q.device)
+    picked.scatter_(-1, slot, True)  # [B, HKV, T_new, NB + 1]
+    slc_mask = picked[..., s // cfg.slc_block] & causal  # [B, HKV, T_new, max_len]
+    slc_mask = slc_mask.repeat_interleave(groups, dim=1) if groups > 1 else slc_mask
+    o_slc, _ = reference.masked_attention(q, layer.k, layer.v, slc_mask, scale, upcast)
+    win_mask = causal & (pos[:, None] - s[None, :] < cfg.window)  # [T_new, max_len]
+    o_win, _ = reference.masked_attention(q, layer.k_win, layer.v_win, win_mask, scale, upcast)
+    return reference.combine_branches(o_cmp, o_slc, o_win, gates), block_indices
+
+
+# ---- public API -----------------------------------------------------------------------------
+def nsa_decode_step(
+    q: torch.Tensor,
+    cache: NSACache,
+    layer_idx: int,
+    gates: torch.Tensor,
+    config: NSAConfig | None = None,
+    scale: float | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """NSA output of the ``T_new`` newest tokens of layer ``layer_idx``, after their K/V were appended.
+
+    Args:
+        q: ``[B, HQ, T_new, Dk]`` queries of the tokens at positions ``L - T_new .. L - 1``
+            (``L = cache.lengths[layer_idx]``); ``HQ`` a multiple of the cache's ``HKV``.
+        cache: holds the layer's raw, window and compressed K/V (see :class:`NSACache`).
+        gates: ``[B, HQ, T_new, 3]`` (cmp, slc, win) in [0, 1].
+        config: must equal ``cache.config`` (None: the cache's).
+        scale: ``1 / sqrt(Dk)`` when None.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``[B, HQ, T_new, Dv]`` in ``q.dtype``: row ``r`` equals row ``L - T_new + r`` of
+        :func:`flexnsa.nsa_attention` over the ``L`` tokens held.
+    """
+    _check_step_inputs(q, cache, layer_idx, gates, config, scale)
+    scale = _default_scale(scale, q.shape[-1])
+    if _resolve_backend(backend, q.dtype, q.device) == "triton":
+        from .custom_ops import decode_ops
+
+        return decode_ops.decode_attention(q, cache, layer_idx, gates, scale)[0]
+    return torch_decode_step(q, cache, layer_idx, gates, scale)[0]
+
+
+def decode_select_blocks(
+    q: torch.Tensor,
+    cache: NSACache,
+    layer_idx: int,
+    config: NSAConfig | None = None,
+    scale: float | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Selected blocks ``int32 [B, HKV, T_new, n]`` of the newest ``T_new`` tokens (unused ``-1``;
+    slot order unspecified): the rows ``L - T_new ..`` of :func:`flexnsa.select_blocks`."""
+    _check_step_inputs(q, cache, layer_idx, None, config, scale)
+    scale = _default_scale(scale, q.shape[-1])
+    if _resolve_backend(backend, q.dtype, q.device) == "triton":
+        from .custom_ops import decode_ops
+
+        return decode_ops.decode_attention(q, cache, layer_idx, q.new_zeros(*q.shape[:3], 3), scale)[1]
+    return torch_decode_step(q, cache, layer_idx, q.new_zeros(*q.shape[:3], 3), scale)[1]
+
+
+def nsa_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: torch.Tensor,
+    cache: NSACache,
+    layer_idx: int,
+    compress: CompressFn,
+    *,
+    k_win: torch.Tensor | None = None,
+    v_win: torch.Tensor | None = None,
+    config: NSAConfig | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decode step of a layer: :meth:`NSACache.append` of the new ``k, v`` (``[B, HKV, T_new, D]``,
+    compressed tokens through ``compress``) then :func:`nsa_decode_step`. Returns ``[B, HQ, T_new, Dv]``.
+    Host-sync free and of fixed shapes: capturable in a CUDA graph."""
+    cache.append(layer_idx, k, v, compress, k_win=k_win, v_win=v_win)
+    return nsa_decode_step(q, cache, layer_idx, gates, config, scale, backend=backend)
+
+
+def nsa_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    gates: torch.Tensor,
+    cache: NSACache,
+    layer_idx: int,
+    *,
+    k_win: torch.Tensor | None = None,
+    v_win: torch.Tensor | None = None,
+    config: NSAConfig | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Full-sequence NSA over a prompt (:func:`flexnsa.nsa_attention`, fastest backend) that also
+    fills layer ``layer_idx`` of the cache with its ``k, v``, window K/V and compressed tokens
+    (:meth:`NSACache.prefill`). Returns ``[B, HQ, T, Dv]``."""
+    config = cache.config if config is None else config
+    if config != cache.config:
+        raise ValueError(f"config {config} differs from the cache's config {cache.config}")
+    o = nsa_attention(q, k, v, k_cmp, v_cmp, gates, config, k_win=k_win, v_win=v_win, scale=scale)
+    cache.prefill(layer_idx, k, v, k_cmp, v_cmp, k_win=k_win, v_win=v_win)
+    return o
