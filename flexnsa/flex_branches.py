@@ -1,0 +1,318 @@
+"""NSA branches 1 (compressed) and 3 (sliding window) on FlexAttention.
+
+Both are block-sparse FlexAttention patterns from :mod:`flexnsa.masks`, with GQA through
+``enable_gqa`` (query head ``h`` reads KV head ``h // G``). Block masks are built in closed form
+once per (sequence lengths, config, device) and cached; the kernel is one compiled
+``flex_attention``. Which path runs (FlexAttention compiled / eager, or the float64-capable
+reference for CPU training) is chosen automatically: see :mod:`flexnsa.flex_runtime`.
+
+Compressed-branch backward on CUDA: FlexAttention's dK/dV pass runs one program per key block,
+each looping over every query. With ``Tc ~ T/16`` keys that is too few programs to fill the GPU,
+so when gradients are needed the queries are split into ``C`` chunks folded into the batch
+dimension (``[B, H, T, D] -> [B*C, H, T/C, D]``; the mask recovers the raw position
+``t = (b mod C) * T/C + q_idx``). Every chunk attends the same keys, so the result is exactly that
+of the unchunked computation; see :func:`default_num_chunks`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from ._checks import _check_tensor, _expect_shape, check_config, check_qk, check_scale
+from .config import NSAConfig
+from .flex_runtime import cached_block_mask, call_flex, choose_path
+from .masks.compressed_causal import compressed_causal
+from .masks.pattern import DEFAULT_BLOCK_SIZE, block_mask_from_tables, evaluate_mask_mod, named
+from .masks.sliding_window import sliding_window
+
+__all__ = ["sliding_window_attention", "compressed_attention", "default_num_chunks"]
+
+_Q_BLOCK = DEFAULT_BLOCK_SIZE  # query rows per BlockMask tile; chunk lengths are multiples of it
+_TARGET_KV_PROGRAMS = 1024  # dK/dV programs wanted in the compressed backward (H200: 132 SMs)
+_MIN_CHUNK = 1024  # shortest query chunk worth a batch entry
+_MAX_CHUNKS = 64
+
+
+# ---- validation ----------------------------------------------------------------------------
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _check_mask_mod(mask_mod) -> None:
+    if mask_mod is not None and not callable(mask_mod):
+        raise ValueError(f"mask_mod must be None or a callable (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
+
+
+def _check_same(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
+    if x.dtype != q.dtype:
+        raise ValueError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+    if x.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+
+
+def _check_window_inputs(q, k, v, window) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+    B, HQ, T, Dk = q.shape
+    if T < 1 or B < 1 or HQ < 1 or Dk < 1:
+        raise ValueError(f"q must have non-empty batch, head, token and head-dim sizes, got {tuple(q.shape)}")
+    HKV, Dv = k.shape[1], v.shape[-1]
+    if HKV < 1 or HQ % HKV:
+        raise ValueError(f"k has {HKV} heads, which must divide the {HQ} query heads of q (GQA: HQ = G * HKV)")
+    if Dv < 1:
+        raise ValueError(f"v must have a non-empty head dim, got shape {tuple(v.shape)}")
+    _expect_shape("k", k, (B, HKV, T, Dk), "[B, HKV, T, Dk]")
+    _expect_shape("v", v, (B, HKV, T, Dv), "[B, HKV, T, Dv]")
+    _check_same("k", k, q)
+    _check_same("v", v, q)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0, got {window!r}")
+
+
+def _check_compressed_inputs(q, k_cmp, v_cmp, config: NSAConfig):
+    dims = check_qk(q, k_cmp, config)
+    _check_tensor("v_cmp", v_cmp)
+    Dv = v_cmp.shape[-1]
+    if Dv < 1:
+        raise ValueError(f"v_cmp must have a non-empty head dim, got shape {tuple(v_cmp.shape)}")
+    _expect_shape("v_cmp", v_cmp, (dims.batch, dims.kv_heads, dims.num_cmp, Dv), "[B, HKV, Tc(T), Dv]")
+    _check_same("v_cmp", v_cmp, q)
+    return dims
+
+
+def _default_scale(scale, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _device_key(device: torch.device) -> str:
+    return str(device)
+
+
+# ---- branch 3: sliding window ------------------------------------------------------------
+def _window_block_mask(seq_len: int, window: int, device: torch.device, user_mask_mod):
+    """Closed-form window BlockMask ``[1, 1, T, T]``; with a user mask_mod every tile the window
+    meets is partial (the user pattern is unknown in block form) and the two mask_mods are ANDed."""
+    pattern = sliding_window(window)
+
+    def build():
+        any_blocks, full_blocks = pattern.block_tables(seq_len, seq_len, _Q_BLOCK, device)
+        mask_mod = pattern.mask_mod
+        if user_mask_mod is not None:
+            full_blocks = torch.zeros_like(full_blocks)
+            window_mod = pattern.mask_mod
+
+            def window_and_user(b, h, q_idx, kv_idx):
+                return window_mod(b, h, q_idx, kv_idx) & user_mask_mod(b, h, q_idx, kv_idx)
+
+            mask_mod = named(f"{window_mod.__name__} & user", window_and_user)
+        return block_mask_from_tables(any_blocks, full_blocks, mask_mod, seq_len, seq_len, _Q_BLOCK)
+
+    key = ("window", seq_len, window, _device_key(device))
+    return cached_block_mask(key, build, user_mask_mod)
+
+
+def sliding_window_attention(q, k, v, window, scale=None, *, mask_mod=None, _path=None):
+    """NSA branch 3: ``o[t] = softmax_s(scale * q_t . k_s) v_s`` over raw tokens ``t - w < s <= t``.
+
+    Args:
+        q: ``[B, HQ, T, Dk]``; k: ``[B, HKV, T, Dk]``; v: ``[B, HKV, T, Dv]``; ``HKV`` divides ``HQ``.
+        window: ``w`` (int >= 0), the query itself included; 0 gives zeros.
+        scale: softmax scale, ``1 / sqrt(Dk)`` when None.
+        mask_mod: optional extra pattern ``(b, h, q_idx, kv_idx) -> bool`` in raw token positions
+            (``h`` is the query head), ANDed with the window. Its BlockMask is cached per mask_mod
+            object: build the mask_mod once and reuse it (a new function object per call rebuilds
+            the mask and recompiles the kernel).
+        _path: private override of the path (``"reference"``, ``"flex_eager"``, ``"flex_compiled"``).
+
+    Returns:
+        ``o [B, HQ, T, Dv]`` in ``q.dtype``. Rows with no visible key are 0.
+    """
+    _check_window_inputs(q, k, v, window)
+    check_scale(scale)
+    _check_mask_mod(mask_mod)
+    B, HQ, T, Dk = q.shape
+    Dv = v.shape[-1]
+    scale = _default_scale(scale, Dk)
+    if window == 0:
+        return q.new_zeros(B, HQ, T, Dv)  # [B, HQ, T, Dv]
+    path = choose_path(q.device, q.dtype, _needs_grad(q, k, v), False, _path)
+    if path == "reference":
+        if mask_mod is None:
+            return reference.sliding_window_attention(q, k, v, window, scale)[0]
+        window_mod = sliding_window(window).mask_mod
+
+        def window_and_user(b, h, q_idx, kv_idx):
+            return window_mod(b, h, q_idx, kv_idx) & mask_mod(b, h, q_idx, kv_idx)
+
+        dense = evaluate_mask_mod(window_and_user, T, T, B, HQ, q.device)  # [B, HQ, T, T]
+        return reference.masked_attention(q, k, v, dense, scale)[0]
+    block_mask = _window_block_mask(T, window, q.device, mask_mod)
+    out, _ = call_flex(path, q, k, v, block_mask, scale, want_lse=False)
+    return out  # [B, HQ, T, Dv]
+
+
+# ---- branch 1: compressed attention --------------------------------------------------------
+def default_num_chunks(seq_len: int, num_cmp: int, batch: int, kv_heads: int) -> int:
+    """Query chunks for the compressed branch when gradients are needed on CUDA.
+
+    Aims at ``_TARGET_KV_PROGRAMS`` dK/dV programs (``batch * kv_heads * ceil(Tc / 128) * C``)
+    with chunks of at least ``_MIN_CHUNK`` queries, a power of two, at most ``_MAX_CHUNKS``.
+    Paper shape (B=1, HKV=4): 64k -> 8 chunks of 8k, 8k -> 8 chunks of 1k.
+    """
+    kv_programs = max(1, batch * kv_heads * -(-num_cmp // _Q_BLOCK))
+    wanted = -(-_TARGET_KV_PROGRAMS // kv_programs)
+    chunks = max(1, min(wanted, seq_len // _MIN_CHUNK, _MAX_CHUNKS))
+    return 1 << (chunks.bit_length() - 1)  # round down to a power of two
+
+
+def _chunk_layout(seq_len: int, num_chunks: int) -> tuple[int, int]:
+    """``(C, Tq)``: ``C`` chunks of ``Tq`` queries (a multiple of the query tile), ``C * Tq >= T``."""
+    if num_chunks <= 1:
+        return 1, seq_len
+    chunk_len = -(-seq_len // num_chunks)
+    chunk_len = -(-chunk_len // _Q_BLOCK) * _Q_BLOCK
+    return -(-seq_len // chunk_len), chunk_len
+
+
+def _compressed_mask_mod(config: NSAConfig, num_chunks: int, chunk_len: int, seq_len: int, user_mask_mod):
+    """The compressed pattern in the chunked layout: query row ``q_idx`` of batch entry ``b`` is raw
+    position ``t = (b mod C) * Tq + q_idx``; with a user mask_mod, compressed token ``i`` also needs
+    ``user(b div C, h, t, i*d)`` and ``user(b div C, h, t, i*d + l - 1)``. The user mask only ever
+    sees positions ``< T``: padding rows (``t >= T``, dropped from the output) ask about ``T - 1``."""
+    l, d = config.cmp_block, config.cmp_stride
+    if num_chunks == 1 and user_mask_mod is None:
+        return compressed_causal(l, d).mask_mod
+    C, Tq, last_pos = num_chunks, chunk_len, seq_len - 1
+
+    def compressed_chunked(b, h, q_idx, kv_idx):
+        t = (b % C) * Tq + q_idx
+        visible = kv_idx * d + (l - 1) <= t
+        if user_mask_mod is None:
+            return visible
+        seq, t_user = b // C, torch.clamp(t, max=last_pos)
+        first = torch.clamp(kv_idx * d, max=last_pos)
+        last = torch.clamp(kv_idx * d + (l - 1), max=last_pos)
+        return visible & user_mask_mod(seq, h, t_user, first) & user_mask_mod(seq, h, t_user, last)
+
+    suffix = "" if user_mask_mod is None else " & user"
+    return named(f"compressed_causal_l{l}_d{d}_chunks{C}{suffix}", compressed_chunked)
+
+
+def _compressed_block_mask(seq_len, num_cmp, config, batch, num_chunks, chunk_len, device, user_mask_mod):
+    """Closed-form compressed BlockMask ``[B*C or 1, 1, Tq, Tc]``: the tables of the unchunked
+    ``[C*Tq, Tc]`` pattern cut into ``C`` row slabs, one per chunk (batch entry ``b*C + c``)."""
+    l, d = config.cmp_block, config.cmp_stride
+
+    def build():
+        rows = num_chunks * chunk_len
+        any_blocks, full_blocks = compressed_causal(l, d).block_tables(rows, num_cmp, _Q_BLOCK, device)
+        if user_mask_mod is not None:
+            full_blocks = torch.zeros_like(full_blocks)
+        if num_chunks > 1:  # [1, 1, C*NQBc, NKB] -> [B*C, 1, NQBc, NKB]
+            nkb = any_blocks.shape[-1]
+            any_blocks = any_blocks.reshape(num_chunks, 1, -1, nkb).repeat(batch, 1, 1, 1)
+            full_blocks = full_blocks.reshape(num_chunks, 1, -1, nkb).repeat(batch, 1, 1, 1)
+        mask_mod = _compressed_mask_mod(config, num_chunks, chunk_len, seq_len, user_mask_mod)
+        return block_mask_from_tables(any_blocks, full_blocks, mask_mod, chunk_len, num_cmp, _Q_BLOCK)
+
+    key = ("compressed", seq_len, num_cmp, l, d, batch if num_chunks > 1 else 0, num_chunks, _device_key(device))
+    return cached_block_mask(key, build, user_mask_mod)
+
+
+def _to_chunks(x: torch.Tensor, num_chunks: int, chunk_len: int) -> torch.Tensor:
+    """``[B, H, T, D] -> [B*C, H, Tq, D]`` (zero-padded to ``C*Tq`` rows; a view when B = 1 and
+    no padding is needed)."""
+    B, H, T, D = x.shape
+    pad = num_chunks * chunk_len - T
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))  # [B, H, C*Tq, D]
+    return x.view(B, H, num_chunks, chunk_len, D).transpose(1, 2).reshape(B * num_chunks, H, chunk_len, D)
+
+
+def _from_chunks(x: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """``[B*C, H, Tq, ...] -> [B, H, T, ...]`` (inverse of :func:`_to_chunks`, padding dropped)."""
+    BC, H, Tq = x.shape[:3]
+    rest = x.shape[3:]
+    x = x.view(batch, BC // batch, H, Tq, *rest).transpose(1, 2).reshape(batch, H, (BC // batch) * Tq, *rest)
+    return x[:, :, :seq_len]
+
+
+def _flex_compressed(path, q, k_cmp, v_cmp, config, scale, want_lse, user_mask_mod, num_chunks):
+    B, HQ, T, _ = q.shape
+    Tc = k_cmp.shape[2]
+    C, Tq = _chunk_layout(T, num_chunks)
+    block_mask = _compressed_block_mask(T, Tc, config, B, C, Tq, q.device, user_mask_mod)
+    if C == 1:
+        out, lse = call_flex(path, q, k_cmp, v_cmp, block_mask, scale, want_lse)
+    else:
+        q_chunks = _to_chunks(q, C, Tq)  # [B*C, HQ, Tq, Dk]
+        if B == 1:  # FlexAttention broadcasts a batch-1 K/V over the query batch
+            k_in, v_in = k_cmp, v_cmp
+        else:  # entry b*C + c reads sequence b
+            k_in, v_in = k_cmp.repeat_interleave(C, dim=0), v_cmp.repeat_interleave(C, dim=0)
+        out, lse = call_flex(path, q_chunks, k_in, v_in, block_mask, scale, want_lse)
+        out = _from_chunks(out, B, T)  # [B, HQ, T, Dv]
+        lse = None if lse is None else _from_chunks(lse, B, T)  # [B, HQ, T]
+    if lse is not None:
+        # queries t < l - 1 see no compressed token: lse = -inf (FlexAttention gives -inf for
+        # empty rows already; this pins the contract whatever the kernel version does)
+        t = torch.arange(T, device=q.device)
+        lse = torch.where(t >= config.cmp_block - 1, lse.float(), float("-inf"))
+    return out, lse
+
+
+def compressed_attention(
+    q, k_cmp, v_cmp, config=None, scale=None, return_lse=False, *, mask_mod=None, _path=None, _num_chunks=None
+):
+    """NSA branch 1: ``o[t] = softmax_i(scale * q_t . k_cmp[i]) v_cmp[i]`` over the compressed
+    tokens with ``i*d + l - 1 <= t``, and its log-sum-exp.
+
+    Args:
+        q: ``[B, HQ, T, Dk]``; k_cmp: ``[B, HKV, Tc, Dk]``; v_cmp: ``[B, HKV, Tc, Dv]``, with
+            ``Tc = config.num_cmp_tokens(T)`` (0 when ``T < l``).
+        config: :class:`NSAConfig` (``cmp_block`` l, ``cmp_stride`` d); defaults when None.
+        scale: softmax scale, ``1 / sqrt(Dk)`` when None.
+        return_lse: also return ``lse [B, HQ, T]`` float32 (float64 for float64 inputs):
+            ``log sum_i exp(scale * q_t . k_cmp[i])`` over the visible ``i``.
+        mask_mod: optional extra pattern ``(b, h, q_idx, kv_idx) -> bool`` in RAW token positions;
+            compressed token ``i`` stays visible to query ``t`` only if the user mask allows both
+            raw positions ``i*d`` and ``i*d + l - 1``. Cached per mask_mod object (reuse it).
+        _path: private path override (see :mod:`flexnsa.flex_runtime`).
+        _num_chunks: private override of the query chunks (see :func:`default_num_chunks`); by
+            default chunks are used only on CUDA when gradients are needed.
+
+    Returns:
+        ``o [B, HQ, T, Dv]`` in ``q.dtype``, or ``(o, lse)``. Queries ``t < l - 1`` (and rows the
+        user mask empties) give ``o = 0``, ``lse = -inf``, and no NaN in the gradients.
+    """
+    config = check_config(config)
+    check_scale(scale)
+    _check_mask_mod(mask_mod)
+    if _num_chunks is not None and (isinstance(_num_chunks, bool) or not isinstance(_num_chunks, int) or _num_chunks < 1):
+        raise ValueError(f"_num_chunks must be None or an int >= 1, got {_num_chunks!r}")
+    dims = _check_compressed_inputs(q, k_cmp, v_cmp, config)
+    B, HQ, T, Dk = q.shape
+    Tc, Dv = dims.num_cmp, v_cmp.shape[-1]
+    scale = _default_scale(scale, Dk)
+    if Tc == 0:  # T < l: no compressed token, nothing to launch
+        out = q.new_zeros(B, HQ, T, Dv)  # [B, HQ, T, Dv]
+        lse = torch.full((B, HQ, T), float("-inf"), device=q.device, dtype=reference.accumulation_dtype(q.dtype))
+        return (out, lse) if return_lse else out
+    needs_grad = _needs_grad(q, k_cmp, v_cmp)
+    path = choose_path(q.device, q.dtype, needs_grad, return_lse, _path)
+    if path == "reference":
+        if mask_mod is None:
+            out, lse = reference.compressed_attention(q, k_cmp, v_cmp, config, scale)
+        else:
+            chunked_mod = _compressed_mask_mod(config, 1, T, T, mask_mod)  # one chunk: b is the sequence
+            dense = evaluate_mask_mod(chunked_mod, T, Tc, B, HQ, q.device)  # [B, HQ, T, Tc]
+            out, lse = reference.masked_attention(q, k_cmp, v_cmp, dense, scale)
+        return (out, lse) if return_lse else out
+    if _num_chunks is None:
+        _num_chunks = default_num_chunks(T, Tc, B, k_cmp.shape[1]) if needs_grad and q.is_cuda else 1
+    out, lse = _flex_compressed(path, q, k_cmp, v_cmp, config, scale, return_lse, mask_mod, _num_chunks)
+    return (out, lse) if return_lse else out
