@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call: install flexnsa, then run the named GPU stages, each with its own time limit.
+# Usage (on the GPU machine, repo root):  bash perf/gpu_all.sh tests flex ops decode train report
+# Everything lands in $OUT/<stage>/ and is packed into $OUT/results.tar.gz (the device returns at
+# most 8 files); a summary of exit codes is printed last.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-perf/results/tmp}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/gpu.csv" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.csv"
+
+declare -A CMD LIMIT
+CMD[tests]="python3 -m pytest tests -q -x -m gpu -p no:cacheprovider"; LIMIT[tests]=150
+CMD[flex]="python3 perf/gpu_check_flex.py";  LIMIT[flex]=240
+CMD[ops]="python3 perf/gpu_check_ops.py";    LIMIT[ops]=240
+CMD[decode]="python3 perf/gpu_decode.py";    LIMIT[decode]=180
+CMD[train]="python3 perf/gpu_train_check.py"; LIMIT[train]=180
+CMD[report]="python3 perf/report.py";        LIMIT[report]=420
+summary=""
+for stage in "$@"; do
+  name=${stage%%:*}; limit=${stage#*:}; [ "$limit" = "$stage" ] && limit=${LIMIT[$name]}
+  mkdir -p "$OUT/$name"
+  start=$(date +%s)
+  OUT="$OUT/$name" timeout -k 10 "$limit" ${CMD[$name]} > "$OUT/$name/log.txt" 2>&1
+  rc=$?
+  took=$(( $(date +%s) - start ))
+  echo "=== $name rc=$rc ${took}s (limit ${limit}s); last lines:"; tail -n 25 "$OUT/$name/log.txt"
+  summary+="$name rc=$rc ${took}s; "
+done
+(cd "$OUT" && tar czf results.tar.gz --exclude=results.tar.gz . )
+echo "SUMMARY: $summary"
