@@ -52,6 +52,15 @@ def _load_group_queries(q_ptr, b, r, g, sq_b, sq_h, sq_t, G: tl.constexpr, G_PAD
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``a @ b`` accumulated in float32. DOT_FP32 (set under TRITON_INTERPRET=1, whose bfloat16
+    dot is wrong) multiplies float32 copies instead."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _cmp_partial_kernel(
     q_ptr, sq_b, sq_h, sq_t,
     kc_ptr, skc_b, skc_h, skc_t,
@@ -65,6 +74,7 @@ def _cmp_partial_kernel(
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
     BJ: tl.constexpr, BJS: tl.constexpr, BJS_PAD: tl.constexpr, TT: tl.constexpr, BN: tl.constexpr,
     TPS: tl.constexpr, NSPLIT: tl.constexpr, NTILES: tl.constexpr, QK_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     row = tl.program_id(0)
     g = tl.program_id(1)
@@ -96,7 +106,7 @@ def _cmp_partial_kernel(
         valid = (lane < TT) & (tok < n_vis)
         k = tl.load(k_base + tok[:, None] * skc_t + dk[None, :],
                     mask=valid[:, None] & (dk[None, :] < DK), other=0.0)  # [BN, DK_PAD]
-        s = tl.dot(q, tl.trans(k), input_precision=QK_PRECISION) * scale  # [G_PAD, BN]
+        s = _dot(q, tl.trans(k), QK_PRECISION, DOT_FP32) * scale  # [G_PAD, BN]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the tile holds a visible token
         p = tl.exp(s - m_new[:, None])
@@ -104,7 +114,7 @@ def _cmp_partial_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + tok[:, None] * svc_t + dv[None, :],
                     mask=valid[:, None] & (dv[None, :] < DV), other=0.0)  # [BN, DV_PAD]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=QK_PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, QK_PRECISION, DOT_FP32)
         m_i = m_new
         part = tl.dot(p, weights, input_precision="ieee")  # [G_PAD, BJS_PAD] block-score partials
         sc_ptrs = sc_part_ptr + (stat_row[:, None] * NTILES + tile) * BJS + u[None, :]
@@ -191,13 +201,13 @@ def _select_kernel(
 @triton.jit
 def _attend_tile(q, k_base, v_base, sk_t, sv_t, s_pos, valid, m_i, l_i, acc, scale,
                  DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                 QK_PRECISION: tl.constexpr):
+                 QK_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     """Online-softmax update of ``(m, l, acc)`` with the keys at ``s_pos`` where ``valid``."""
     dk = tl.arange(0, DK_PAD)
     dv = tl.arange(0, DV_PAD)
     k = tl.load(k_base + s_pos[:, None] * sk_t + dk[None, :],
                 mask=valid[:, None] & (dk[None, :] < DK), other=0.0)  # [BS, DK_PAD]
-    s = tl.dot(q, tl.trans(k), input_precision=QK_PRECISION) * scale  # [G_PAD, BS]
+    s = _dot(q, tl.trans(k), QK_PRECISION, DOT_FP32) * scale  # [G_PAD, BS]
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked tile changes nothing
@@ -205,7 +215,7 @@ def _attend_tile(q, k_base, v_base, sk_t, sv_t, s_pos, valid, m_i, l_i, acc, sca
     alpha = tl.exp(m_i - m_safe)
     v = tl.load(v_base + s_pos[:, None] * sv_t + dv[None, :],
                 mask=valid[:, None] & (dv[None, :] < DV), other=0.0)  # [BS, DV_PAD]
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=QK_PRECISION)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, QK_PRECISION, DOT_FP32)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
@@ -220,8 +230,9 @@ def _slc_win_partial_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     SLC: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, SPP: tl.constexpr,
-    NCHUNK: tl.constexpr, NCAND_PAD: tl.constexpr, NP_SEL: tl.constexpr, WINDOW: tl.constexpr, NW_TILES: tl.constexpr, NPROG: tl.constexpr,
-    QK_PRECISION: tl.constexpr,
+    NCHUNK: tl.constexpr, NCAND_PAD: tl.constexpr, NP_SEL: tl.constexpr,
+    WINDOW: tl.constexpr, NW_TILES: tl.constexpr, NPROG: tl.constexpr,
+    QK_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     row = tl.program_id(0)
     g = tl.program_id(1)
@@ -251,7 +262,7 @@ def _slc_win_partial_kernel(
                     s_pos = blk * SLC + lane
                     valid = (lane < SLC) & (s_pos >= 0) & (s_pos <= pos)  # blk = -1 gives s_pos < 0
                     m_i, l_i, acc = _attend_tile(q, k_base, v_base, sk_t, sv_t, s_pos, valid, m_i, l_i,
-                                                 acc, scale, DK, DV, DK_PAD, DV_PAD, QK_PRECISION)
+                                                 acc, scale, DK, DV, DK_PAD, DV_PAD, QK_PRECISION, DOT_FP32)
     else:  # window tiles: offsets [tile*BS, tile*BS + BS) of the window (pos - WINDOW, pos]
         k_base = kw_ptr + b * skw_b + g * skw_h
         v_base = vw_ptr + b * svw_b + g * svw_h
@@ -260,7 +271,7 @@ def _slc_win_partial_kernel(
             s_pos = pos - WINDOW + 1 + offset
             valid = (offset < WINDOW) & (s_pos >= 0)
             m_i, l_i, acc = _attend_tile(q, k_base, v_base, skw_t, svw_t, s_pos, valid, m_i, l_i, acc,
-                                         scale, DK, DV, DK_PAD, DV_PAD, QK_PRECISION)
+                                         scale, DK, DV, DK_PAD, DV_PAD, QK_PRECISION, DOT_FP32)
     stat_row = row * HQ + g * G + hh
     dv = tl.arange(0, DV_PAD)
     head_ok = hh < G

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import torch
 import triton
@@ -127,6 +128,7 @@ def launch_decode(q, k, v, k_win, v_win, k_cmp, v_cmp, length, gates, cfg, max_l
     p = _plan(cfg, max_len, rows, HQ, HKV, Dk, Dv, q.device, tuning)
     f32 = dict(device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    dot_fp32 = os.environ.get("TRITON_INTERPRET") == "1"  # see decode_kernels._dot
     BJS = p.BJ + p.SPILL
     cmp_o = torch.empty(rows, HQ, p.NSPLIT, Dv, **f32)
     cmp_m = torch.empty(rows, HQ, p.NSPLIT, **f32)
@@ -142,7 +144,7 @@ def launch_decode(q, k, v, k_win, v_win, k_cmp, v_cmp, length, gates, cfg, max_l
         G=p.G, G_PAD=p.G_PAD, DK=Dk, DV=Dv, DK_PAD=p.DK_PAD, DV_PAD=p.DV_PAD,
         CMP_L=cfg.cmp_block, CMP_D=cfg.cmp_stride, C=p.C, R=p.R,
         BJ=p.BJ, BJS=BJS, BJS_PAD=_pow2(BJS, 16), TT=p.TT, BN=p.BN,
-        TPS=p.TPS, NSPLIT=p.NSPLIT, NTILES=p.NTILES, QK_PRECISION=precision,
+        TPS=p.TPS, NSPLIT=p.NSPLIT, NTILES=p.NTILES, QK_PRECISION=precision, DOT_FP32=dot_fp32,
         num_warps=tuning.num_warps,
     )
     candidates = torch.empty(rows, HKV, p.NCHUNK, cfg.num_selected, device=q.device, dtype=torch.int64)
@@ -167,7 +169,7 @@ def launch_decode(q, k, v, k_win, v_win, k_cmp, v_cmp, length, gates, cfg, max_l
         G=p.G, G_PAD=p.G_PAD, DK=Dk, DV=Dv, DK_PAD=p.DK_PAD, DV_PAD=p.DV_PAD,
         SLC=cfg.slc_block, BS=p.BS, N_SEL=cfg.num_selected, SPP=p.SPP, NCHUNK=p.NCHUNK,
         NCAND_PAD=_pow2(p.NCHUNK * cfg.num_selected), NP_SEL=p.NP_SEL,
-        WINDOW=cfg.window, NW_TILES=p.NW_TILES, NPROG=nprog, QK_PRECISION=precision,
+        WINDOW=cfg.window, NW_TILES=p.NW_TILES, NPROG=nprog, QK_PRECISION=precision, DOT_FP32=dot_fp32,
         num_warps=tuning.num_warps,
     )
     out = torch.empty(B, HQ, T_new, Dv, device=q.device, dtype=q.dtype)
