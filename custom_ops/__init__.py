@@ -1,1 +1,19 @@
-"""Triton kernels and their torch.library registrations."""
+"""Triton kernels of NSA's selection branch, registered with torch.library (ops ``flexnsa::*``).
+
+Public wrappers:
+    select_blocks(q, k_cmp, lse, config, scale=None) -> int32 [B, HKV, T, n]
+    selected_attention(q, k, v, indices, config, scale=None) -> (o [B, HQ, T, Dv], lse [B, HQ, T])
+
+Set ``FLEXNSA_TRITON_INTERPRET=1`` (or ``TRITON_INTERPRET=1``) before importing to run the Triton
+kernels on the CPU in Triton's interpreter (tests, tiny shapes); otherwise CPU tensors take the
+pure-PyTorch path.
+"""
+
+import os
+
+if os.environ.get("FLEXNSA_TRITON_INTERPRET") == "1":  # must precede the @triton.jit decorations
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from .api import select_blocks, selected_attention  # noqa: E402
+
+__all__ = ["select_blocks", "selected_attention"]

@@ -1,0 +1,53 @@
+"""Small helpers shared by the Triton kernels of the selection branch and their launchers."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with float32 accumulation.
+
+    ``IEEE``: float32 operands multiply in full float32 (TF32, the default, would miss the float32
+    reference by ~1e-3). ``UPCAST``: convert the operands to float32 first; only set under Triton's
+    CPU interpreter for bfloat16, whose ``tl.dot`` it gets wrong (triton 3.9). The conversion is
+    exact; compiled kernels multiply bfloat16 on the tensor cores.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+def head_tile(G: int) -> int:
+    """Rows of a per-query tile: the G heads padded to a power of two >= 16 (``tl.dot`` minimum)."""
+    return max(16, triton.next_power_of_2(G))
+
+
+def dims_pad(D: int) -> int:
+    """A head dim or block size padded to a power of two >= 16."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def upcast_dots(x: torch.Tensor) -> bool:
+    """True for bfloat16 under the CPU interpreter (see :func:`mma`)."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+# Per-kernel overrides of the launch heuristics, e.g. ``TUNING["selected_fwd"] = {"num_warps": 8}``.
+# Keys: "select" (num_warps, num_stages, BLOCK_T, BLOCK_C), "selected_fwd", "selected_dq",
+# "selected_dkv_reduce" (num_warps, num_stages), "selected_dkv" (num_warps, num_stages, ROWS, CHUNK).
+# Meant for benchmarks (perf/gpu_check_ops.py sweeps them); empty by default.
+TUNING: dict[str, dict] = {}
+
+
+def tuned(name: str, **defaults) -> dict:
+    """``defaults`` updated with ``TUNING[name]``."""
+    return {**defaults, **TUNING.get(name, {})}

@@ -1,0 +1,407 @@
+"""Triton kernels: backward of the selected-attention branch.
+
+With ``P[h, t, s] = exp(scale * q[h, t] . k[g, s] - lse[h, t])`` on the selected tokens (0 elsewhere),
+``delta[h, t] = sum_c o[h, t, c] * do[h, t, c]`` and ``dS = P * (do . v^T - delta)``:
+
+    dq[h, t] = scale * sum_s dS[h, t, s] k[g, s]
+    dk[g, s] = scale * sum_{h in g, t} dS[h, t, s] q[h, t]
+    dv[g, s] =         sum_{h in g, t} P[h, t, s] do[h, t]
+
+Three kernels:
+
+1. ``_dq_kernel``: one program per (query, batch x KV head), the same gather as the forward; it
+   also writes ``delta`` for step 2.
+2. ``_dkv_kernel``: dK/dV without write races through a reverse index. The (batch, KV head, block)
+   keys of all valid index slots are sorted (``torch.sort``, stable), so every block owns the
+   contiguous list of queries that selected it. Each list is cut into chunks of at most
+   ``CHUNK`` queries ("work items", at least one per block, so a block chosen by every query,
+   such as block 0, does not serialise the kernel); a program loads its block's K/V once and
+   loops over its chunk, ``QB`` queries x ``G`` heads per step. Its partial dK/dV goes either
+   to its own slot of a float32 buffer (deterministic) or is added with ``tl.atomic_add`` into
+   a zeroed float32 accumulator (faster to write, summation order not fixed).
+3. ``_dkv_reduce_kernel`` (deterministic path): one program per block sums its work items'
+   partials in a fixed order and writes dK/dV in the input dtype.
+
+The index is built with torch ops of static shapes (sort, searchsorted, cumsum): no host sync.
+Work items per call: ``NB * B * HKV + (B * HKV * T * n) // CHUNK`` (an upper bound; the surplus
+items do nothing), so the partial buffer holds at most about twice the float32 size of dK/dV.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernel_utils import dims_pad, head_tile, mma, tuned, upcast_dots
+
+__all__ = ["selected_bwd_launch", "build_reverse_index", "DKV_CHUNK"]
+
+DKV_CHUNK = 1024  # queries per dK/dV work item
+
+
+@triton.jit
+def _dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    idx_ptr,
+    o_ptr,
+    do_ptr,
+    lse_ptr,  # [B, HQ, T] float32, natural log
+    dq_ptr,  # [B, HQ, T, DK] (output)
+    delta_ptr,  # [B, HQ, T] float32 (output)
+    T,
+    HKV,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_lb,
+    stride_lh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    DK: tl.constexpr,
+    DK_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BS_PAD: tl.constexpr,
+    N: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
+    UPCAST: tl.constexpr,
+):
+    """q/dq share strides; o/do share strides; lse/delta share strides."""
+    t = tl.program_id(0).to(tl.int64)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = (pid_bg % HKV).to(tl.int64)
+
+    h = tl.arange(0, G_PAD)
+    head_ok = h < G
+    head = g * G + h
+    dk = tl.arange(0, DK_PAD)
+    dv = tl.arange(0, DV_PAD)
+    q_off = b * stride_qb + head[:, None] * stride_qh + t * stride_qt + dk[None, :]
+    q_mask = head_ok[:, None] & (dk[None, :] < DK)
+    q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)  # [G_PAD, DK_PAD]
+    o_off = b * stride_ob + head[:, None] * stride_oh + t * stride_ot + dv[None, :]
+    o_mask = head_ok[:, None] & (dv[None, :] < DV)
+    do = tl.load(do_ptr + o_off, mask=o_mask, other=0.0)  # [G_PAD, DV_PAD]
+    o = tl.load(o_ptr + o_off, mask=o_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # [G_PAD]
+    lse_off = b * stride_lb + head * stride_lh + t
+    tl.store(delta_ptr + lse_off, delta, mask=head_ok)
+    lse = tl.load(lse_ptr + lse_off, mask=head_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # such rows have no key
+
+    scale_log2 = scale * 1.4426950408889634
+    dq = tl.zeros((G_PAD, DK_PAD), tl.float32)
+    k_base = k_ptr + b * stride_kb + g * stride_kh
+    v_base = v_ptr + b * stride_vb + g * stride_vh
+    idx_base = idx_ptr + b * stride_ib + g * stride_ih + t * stride_it
+    s_off = tl.arange(0, BS_PAD)
+    for slot in range(N):
+        blk = tl.load(idx_base + slot).to(tl.int64)
+        pos = blk * BS + s_off
+        key_ok = (pos >= 0) & (s_off < BS) & (pos <= t)  # blk = -1: pos < 0
+        kb = tl.load(
+            k_base + pos[:, None] * stride_kt + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0
+        )  # [BS_PAD, DK_PAD]
+        vb = tl.load(
+            v_base + pos[:, None] * stride_vt + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0
+        )  # [BS_PAD, DV_PAD]
+        logits = mma(q, tl.trans(kb), IEEE, UPCAST) * scale_log2  # [G_PAD, BS_PAD]
+        p = tl.where(key_ok[None, :] & head_ok[:, None], tl.exp2(logits - lse2[:, None]), 0.0)
+        dp = mma(do, tl.trans(vb), IEEE, UPCAST)  # [G_PAD, BS_PAD]
+        ds = p * (dp - delta[:, None])
+        dq += mma(ds.to(kb.dtype), kb, IEEE, UPCAST)
+    tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _dkv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    entry_t_ptr,  # [L] int32: query of each sorted index entry
+    item_key_ptr,  # [W] int32: (b * HKV + g) * NB + block, or >= NUM_KEYS for an empty item
+    item_start_ptr,  # [W] int32: first entry of the item
+    item_end_ptr,  # [W] int32: one past its last entry
+    dk_out_ptr,  # float32: [W, BS_PAD, DK_PAD] partials, or [B, HKV, T, DK] accumulator (ATOMIC)
+    dv_out_ptr,
+    T,
+    HKV,
+    NB,
+    NUM_KEYS,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_lb,
+    stride_lh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    QB: tl.constexpr,  # queries per step
+    DK: tl.constexpr,
+    DK_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BS_PAD: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
+    UPCAST: tl.constexpr,
+):
+    """do shares o's strides (stride_o*); delta shares lse's strides; accumulator shares k's/v's
+    (b, h, t) strides with unit stride on the last dim."""
+    w = tl.program_id(0).to(tl.int64)
+    key = tl.load(item_key_ptr + w)
+    if key < NUM_KEYS:
+        start = tl.load(item_start_ptr + w)
+        end = tl.load(item_end_ptr + w)
+        bg = key // NB
+        blk = (key % NB).to(tl.int64)
+        b = (bg // HKV).to(tl.int64)
+        g = (bg % HKV).to(tl.int64)
+
+        s_off = tl.arange(0, BS_PAD)
+        pos = blk * BS + s_off  # [BS_PAD]
+        pos_ok = (s_off < BS) & (pos < T)
+        dk_off = tl.arange(0, DK_PAD)
+        dv_off = tl.arange(0, DV_PAD)
+        k_rows = b * stride_kb + g * stride_kh + pos[:, None] * stride_kt + dk_off[None, :]
+        v_rows = b * stride_vb + g * stride_vh + pos[:, None] * stride_vt + dv_off[None, :]
+        k_mask = pos_ok[:, None] & (dk_off[None, :] < DK)
+        v_mask = pos_ok[:, None] & (dv_off[None, :] < DV)
+        kb = tl.load(k_ptr + k_rows, mask=k_mask, other=0.0)  # [BS_PAD, DK_PAD]
+        vb = tl.load(v_ptr + v_rows, mask=v_mask, other=0.0)  # [BS_PAD, DV_PAD]
+
+        rows = tl.arange(0, QB * G_PAD)
+        row_q = rows // G_PAD  # query slot within the step
+        row_h = rows % G_PAD
+        head = g * G + row_h  # [ROWS]
+        scale_log2 = scale * 1.4426950408889634
+        dk_acc = tl.zeros((BS_PAD, DK_PAD), tl.float32)
+        dv_acc = tl.zeros((BS_PAD, DV_PAD), tl.float32)
+        for e0 in range(start, end, QB):
+            entry = e0 + row_q
+            row_ok = (entry < end) & (row_h < G)
+            t = tl.load(entry_t_ptr + entry, mask=row_ok, other=0).to(tl.int64)  # [ROWS]
+            q = tl.load(
+                q_ptr + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + dk_off[None, :],
+                mask=row_ok[:, None] & (dk_off[None, :] < DK),
+                other=0.0,
+            )  # [ROWS, DK_PAD]
+            do = tl.load(
+                do_ptr + b * stride_ob + head[:, None] * stride_oh + t[:, None] * stride_ot + dv_off[None, :],
+                mask=row_ok[:, None] & (dv_off[None, :] < DV),
+                other=0.0,
+            )  # [ROWS, DV_PAD]
+            stat_off = b * stride_lb + head * stride_lh + t
+            lse = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+            delta = tl.load(delta_ptr + stat_off, mask=row_ok, other=0.0)
+            logits = mma(q, tl.trans(kb), IEEE, UPCAST) * scale_log2  # [ROWS, BS_PAD]
+            valid = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] <= t[:, None])
+            p = tl.where(valid, tl.exp2(logits - lse2[:, None]), 0.0)
+            dv_acc += mma(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
+            dp = mma(do, tl.trans(vb), IEEE, UPCAST)  # [ROWS, BS_PAD]
+            ds = p * (dp - delta[:, None])
+            dk_acc += mma(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
+        dk_acc = dk_acc * scale
+
+        if ATOMIC:
+            tl.atomic_add(dk_out_ptr + k_rows, dk_acc, mask=k_mask)
+            tl.atomic_add(dv_out_ptr + v_rows, dv_acc, mask=v_mask)
+        else:
+            part_k = w * (BS_PAD * DK_PAD) + s_off[:, None] * DK_PAD + dk_off[None, :]
+            part_v = w * (BS_PAD * DV_PAD) + s_off[:, None] * DV_PAD + dv_off[None, :]
+            tl.store(dk_out_ptr + part_k, dk_acc)
+            tl.store(dv_out_ptr + part_v, dv_acc)
+
+
+@triton.jit
+def _dkv_reduce_kernel(
+    dk_part_ptr,  # [W, BS_PAD, DK_PAD] float32
+    dv_part_ptr,
+    first_item_ptr,  # [NUM_KEYS] int32
+    num_items_ptr,  # [NUM_KEYS] int32
+    dk_ptr,  # [B, HKV, T, DK] (output)
+    dv_ptr,
+    T,
+    HKV,
+    NB,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    DK: tl.constexpr,
+    DK_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BS_PAD: tl.constexpr,
+):
+    key = tl.program_id(0)
+    bg = key // NB
+    blk = (key % NB).to(tl.int64)
+    b = (bg // HKV).to(tl.int64)
+    g = (bg % HKV).to(tl.int64)
+    first = tl.load(first_item_ptr + key).to(tl.int64)
+    count = tl.load(num_items_ptr + key)
+    s_off = tl.arange(0, BS_PAD)
+    dk_off = tl.arange(0, DK_PAD)
+    dv_off = tl.arange(0, DV_PAD)
+    dk_acc = tl.zeros((BS_PAD, DK_PAD), tl.float32)
+    dv_acc = tl.zeros((BS_PAD, DV_PAD), tl.float32)
+    for i in range(count):  # fixed order: deterministic
+        item = first + i
+        dk_acc += tl.load(dk_part_ptr + item * (BS_PAD * DK_PAD) + s_off[:, None] * DK_PAD + dk_off[None, :])
+        dv_acc += tl.load(dv_part_ptr + item * (BS_PAD * DV_PAD) + s_off[:, None] * DV_PAD + dv_off[None, :])
+    pos = blk * BS + s_off
+    pos_ok = (s_off < BS) & (pos < T)
+    tl.store(
+        dk_ptr + b * stride_kb + g * stride_kh + pos[:, None] * stride_kt + dk_off[None, :],
+        dk_acc.to(dk_ptr.dtype.element_ty),
+        mask=pos_ok[:, None] & (dk_off[None, :] < DK),
+    )
+    tl.store(
+        dv_ptr + b * stride_vb + g * stride_vh + pos[:, None] * stride_vt + dv_off[None, :],
+        dv_acc.to(dv_ptr.dtype.element_ty),
+        mask=pos_ok[:, None] & (dv_off[None, :] < DV),
+    )
+
+
+def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV_CHUNK) -> dict:
+    """Block -> queries index of a selection ``[B, HKV, T, n]`` (``-1`` = unused), by torch ops.
+
+    Keys ``(b * HKV + g) * NB + block`` of all slots are stably sorted; ``entry_t[e]`` is the query
+    of sorted entry ``e``, and key ``k`` owns entries ``[offsets[k], offsets[k+1])``. Each key's
+    list is cut into ``max(1, ceil(len / chunk))`` work items; item ``w`` covers entries
+    ``[item_start[w], item_end[w])`` of key ``item_key[w]`` (``>= NUM_KEYS``: nothing to do). Key
+    ``k``'s items are ``first_item[k] .. first_item[k] + num_items[k] - 1``. All shapes are static.
+    """
+    B, HKV, T, n = indices.shape
+    device = indices.device
+    num_keys = B * HKV * num_blocks
+    total = B * HKV * T * n
+    flat = indices.reshape(-1).to(torch.int64)  # [L]
+    group = torch.arange(total, device=device) // (T * n)  # [L] b * HKV + g of each slot
+    keys = torch.where(flat >= 0, group * num_blocks + flat, num_keys)  # invalid slots sort last
+    sorted_keys, order = torch.sort(keys, stable=True)  # [L]
+    entry_t = ((order // n) % T).to(torch.int32)  # [L]
+    bounds = torch.arange(num_keys + 1, device=device)
+    offsets = torch.searchsorted(sorted_keys, bounds)  # [NUM_KEYS + 1]
+    counts = offsets[1:] - offsets[:-1]  # [NUM_KEYS]
+    num_items = torch.clamp((counts + chunk - 1) // chunk, min=1)  # [NUM_KEYS]
+    items_end = torch.cumsum(num_items, 0)  # [NUM_KEYS] inclusive
+    first_item = items_end - num_items
+    max_items = num_keys + total // chunk  # static bound on sum(num_items)
+    w = torch.arange(max_items, device=device)
+    item_key = torch.searchsorted(items_end, w, right=True)  # [W], == NUM_KEYS past the last item
+    key_c = torch.clamp(item_key, max=num_keys - 1)
+    start = offsets[key_c] + (w - first_item[key_c]) * chunk
+    end = torch.minimum(start + chunk, offsets[key_c + 1])
+    return dict(
+        entry_t=entry_t,
+        item_key=item_key.to(torch.int32),
+        item_start=start.to(torch.int32),
+        item_end=end.to(torch.int32),
+        first_item=first_item.to(torch.int32),
+        num_items=num_items.to(torch.int32),
+        num_keys=num_keys,
+        max_items=max_items,
+    )
+
+
+def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block: int, scale: float, atomic: bool):
+    """Runs the three backward kernels on contiguous inputs; returns ``(dq, dk, dv)`` in the input dtypes.
+
+    ``atomic=False`` is deterministic (partials summed in a fixed order).
+    """
+    B, HQ, T, Dk = q.shape
+    HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
+    G = HQ // HKV
+    nb = -(-T // slc_block)
+    g_pad = head_tile(G)
+    dk_pad, dv_pad, bs_pad = dims_pad(Dk), dims_pad(Dv), dims_pad(slc_block)
+    shared = dict(G=G, DK=Dk, DK_PAD=dk_pad, DV=Dv, DV_PAD=dv_pad, BS=slc_block, BS_PAD=bs_pad, IEEE=q.dtype == torch.float32,
+                  UPCAST=upcast_dots(q))
+
+    dq = torch.empty_like(q)  # [B, HQ, T, Dk]
+    delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
+    launch(_dq_kernel)[(T, B * HKV)](
+        q, k, v, indices, out, grad_out, lse, dq, delta, T, HKV, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        G_PAD=g_pad, N=n,
+        **tuned("selected_dq", num_warps=4 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8, num_stages=2),
+        **shared,
+    )  # fmt: skip
+
+    dkv_opts = tuned("selected_dkv", num_warps=8, num_stages=2, ROWS=64, CHUNK=DKV_CHUNK)
+    rev = build_reverse_index(indices, nb, dkv_opts.pop("CHUNK"))
+    g_rows = triton.next_power_of_2(G)
+    qb = max(1, dkv_opts.pop("ROWS") // g_rows)
+    if atomic:
+        dk_out = torch.zeros(B, HKV, T, Dk, dtype=torch.float32, device=q.device)  # [B, HKV, T, Dk]
+        dv_out = torch.zeros(B, HKV, T, Dv, dtype=torch.float32, device=q.device)  # [B, HKV, T, Dv]
+    else:
+        dk_out = torch.empty(rev["max_items"], bs_pad, dk_pad, dtype=torch.float32, device=q.device)  # [W, BS, Dk]
+        dv_out = torch.empty(rev["max_items"], bs_pad, dv_pad, dtype=torch.float32, device=q.device)  # [W, BS, Dv]
+    launch(_dkv_kernel)[(rev["max_items"],)](
+        q, k, v, grad_out, lse, delta,
+        rev["entry_t"], rev["item_key"], rev["item_start"], rev["item_end"],
+        dk_out, dv_out, T, HKV, nb, rev["num_keys"], scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        G_PAD=g_rows, QB=qb, ATOMIC=atomic, **dkv_opts,
+        **shared,
+    )  # fmt: skip
+    if atomic:
+        return dq, dk_out.to(k.dtype), dv_out.to(v.dtype)
+
+    dk = torch.empty_like(k)  # [B, HKV, T, Dk]
+    dv = torch.empty_like(v)  # [B, HKV, T, Dv]
+    launch(_dkv_reduce_kernel)[(rev["num_keys"],)](
+        dk_out, dv_out, rev["first_item"], rev["num_items"], dk, dv, T, HKV, nb,
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        DK=Dk, DK_PAD=dk_pad, DV=Dv, DV_PAD=dv_pad, BS=slc_block, BS_PAD=bs_pad,
+        **tuned("selected_dkv_reduce", num_warps=8),
+    )  # fmt: skip
+    return dq, dk, dv

@@ -1,0 +1,171 @@
+"""Triton kernel: forward of the selected-attention branch (NSA_SPEC.md, branch 2, step 5).
+
+For query ``t`` and every query head ``h`` of KV group ``g``:
+
+    o[h, t]   = sum_{s in S(t)} softmax_s(scale * q[h, t] . k[g, s]) v[g, s]
+    lse[h, t] = log sum_{s in S(t)} exp(scale * q[h, t] . k[g, s])
+
+with ``S(t)`` the tokens ``s <= t`` of the blocks ``indices[b, g, t, :]`` (``-1`` slots skipped;
+block ``j`` is ``[j*l', (j+1)*l')``). A query without any such token gets ``o = 0``, ``lse = -inf``.
+
+One program per (query position, batch x KV head): it loads the ``G`` query heads as the rows of
+one tile (padded to ``G_PAD >= 16`` rows inside the kernel, K/V are never repeated in memory),
+then loops over the ``n`` slots, loading each selected K/V block once for all heads, with an
+online softmax in float32 (base-2 exponentials; the returned lse is natural-log). The causal
+mask only cuts the query's own block. Offsets are int64 so that ``T * D`` may exceed 2**31.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernel_utils import LOG2E, dims_pad, head_tile, mma, tuned, upcast_dots
+
+__all__ = ["selected_fwd_launch"]
+
+
+@triton.jit
+def _selected_fwd_kernel(
+    q_ptr,  # [B, HQ, T, DK]
+    k_ptr,  # [B, HKV, T, DK]
+    v_ptr,  # [B, HKV, T, DV]
+    idx_ptr,  # [B, HKV, T, N] int32/int64
+    o_ptr,  # [B, HQ, T, DV] (output)
+    lse_ptr,  # [B, HQ, T] float32 (output)
+    T,
+    HKV,
+    scale_log2,  # scale * log2(e)
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_lb,
+    stride_lh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    DK: tl.constexpr,
+    DK_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BS: tl.constexpr,  # l'
+    BS_PAD: tl.constexpr,
+    N: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
+    UPCAST: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = (pid_bg % HKV).to(tl.int64)
+
+    h = tl.arange(0, G_PAD)
+    head_ok = h < G
+    head = g * G + h  # [G_PAD]
+    dk = tl.arange(0, DK_PAD)
+    dv = tl.arange(0, DV_PAD)
+    q = tl.load(
+        q_ptr + b * stride_qb + head[:, None] * stride_qh + t * stride_qt + dk[None, :],
+        mask=head_ok[:, None] & (dk[None, :] < DK),
+        other=0.0,
+    )  # [G_PAD, DK_PAD]
+
+    m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, DV_PAD), tl.float32)
+    k_base = k_ptr + b * stride_kb + g * stride_kh
+    v_base = v_ptr + b * stride_vb + g * stride_vh
+    idx_base = idx_ptr + b * stride_ib + g * stride_ih + t * stride_it
+    s_off = tl.arange(0, BS_PAD)
+    for slot in range(N):
+        blk = tl.load(idx_base + slot).to(tl.int64)
+        pos = blk * BS + s_off  # [BS_PAD]
+        key_ok = (pos >= 0) & (s_off < BS) & (pos <= t)  # blk = -1: pos < 0
+        kb = tl.load(
+            k_base + pos[:, None] * stride_kt + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0
+        )  # [BS_PAD, DK_PAD]
+        vb = tl.load(
+            v_base + pos[:, None] * stride_vt + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0
+        )  # [BS_PAD, DV_PAD]
+        logits = mma(q, tl.trans(kb), IEEE, UPCAST) * scale_log2  # [G_PAD, BS_PAD]
+        logits = tl.where(key_ok[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(logits - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + mma(p.to(vb.dtype), vb, IEEE, UPCAST)
+        m_i = m_new
+
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(
+        o_ptr + b * stride_ob + head[:, None] * stride_oh + t * stride_ot + dv[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=head_ok[:, None] & (dv[None, :] < DV),
+    )
+    tl.store(lse_ptr + b * stride_lb + head * stride_lh + t, lse, mask=head_ok)
+
+
+def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
+    """Runs the forward kernel on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``."""
+    B, HQ, T, Dk = q.shape
+    HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
+    G = HQ // HKV
+    out = torch.empty(B, HQ, T, Dv, dtype=q.dtype, device=q.device)  # [B, HQ, T, Dv]
+    lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
+    g_pad = head_tile(G)
+    launch(_selected_fwd_kernel)[(T, B * HKV)](
+        q,
+        k,
+        v,
+        indices,
+        out,
+        lse,
+        T,
+        HKV,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        indices.stride(0),
+        indices.stride(1),
+        indices.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        G=G,
+        G_PAD=g_pad,
+        DK=Dk,
+        DK_PAD=dims_pad(Dk),
+        DV=Dv,
+        DV_PAD=dims_pad(Dv),
+        BS=slc_block,
+        BS_PAD=dims_pad(slc_block),
+        N=n,
+        IEEE=q.dtype == torch.float32,
+        UPCAST=upcast_dots(q),
+        **tuned("selected_fwd", num_warps=4 if g_pad * max(dims_pad(Dk), dims_pad(Dv)) <= 16 * 128 else 8, num_stages=2),
+    )
+    return out, lse
