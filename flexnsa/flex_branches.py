@@ -44,7 +44,9 @@ def _needs_grad(*tensors) -> bool:
 
 def _check_mask_mod(mask_mod) -> None:
     if mask_mod is not None and not callable(mask_mod):
-        raise ValueError(f"mask_mod must be None or a callable (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
+        raise ValueError(
+            f"mask_mod must be None or a callable (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}"
+        )
 
 
 def _check_same(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
@@ -62,7 +64,9 @@ def _check_window_inputs(q, k, v, window) -> None:
         raise ValueError(f"q must have non-empty batch, head, token and head-dim sizes, got {tuple(q.shape)}")
     HKV, Dv = k.shape[1], v.shape[-1]
     if HKV < 1 or HQ % HKV:
-        raise ValueError(f"k has {HKV} heads, which must divide the {HQ} query heads of q (GQA: HQ = G * HKV)")
+        raise ValueError(
+            f"k has {HKV} heads, which must divide the {HQ} query heads of q (GQA: HQ = G * HKV)"
+        )
     if Dv < 1:
         raise ValueError(f"v must have a non-empty head dim, got shape {tuple(v.shape)}")
     _expect_shape("k", k, (B, HKV, T, Dk), "[B, HKV, T, Dk]")
@@ -219,7 +223,16 @@ def _compressed_block_mask(seq_len, num_cmp, config, batch, num_chunks, chunk_le
         mask_mod = _compressed_mask_mod(config, num_chunks, chunk_len, seq_len, user_mask_mod)
         return block_mask_from_tables(any_blocks, full_blocks, mask_mod, chunk_len, num_cmp, _Q_BLOCK)
 
-    key = ("compressed", seq_len, num_cmp, l, d, batch if num_chunks > 1 else 0, num_chunks, _device_key(device))
+    key = (
+        "compressed",
+        seq_len,
+        num_cmp,
+        l,
+        d,
+        batch if num_chunks > 1 else 0,
+        num_chunks,
+        _device_key(device),
+    )
     return cached_block_mask(key, build, user_mask_mod)
 
 
@@ -292,7 +305,9 @@ def compressed_attention(
     config = check_config(config)
     check_scale(scale)
     _check_mask_mod(mask_mod)
-    if _num_chunks is not None and (isinstance(_num_chunks, bool) or not isinstance(_num_chunks, int) or _num_chunks < 1):
+    if _num_chunks is not None and (
+        isinstance(_num_chunks, bool) or not isinstance(_num_chunks, int) or _num_chunks < 1
+    ):
         raise ValueError(f"_num_chunks must be None or an int >= 1, got {_num_chunks!r}")
     dims = _check_compressed_inputs(q, k_cmp, v_cmp, config)
     B, HQ, T, Dk = q.shape
@@ -300,7 +315,9 @@ def compressed_attention(
     scale = _default_scale(scale, Dk)
     if Tc == 0:  # T < l: no compressed token, nothing to launch
         out = q.new_zeros(B, HQ, T, Dv)  # [B, HQ, T, Dv]
-        lse = torch.full((B, HQ, T), float("-inf"), device=q.device, dtype=reference.accumulation_dtype(q.dtype))
+        lse = torch.full(
+            (B, HQ, T), float("-inf"), device=q.device, dtype=reference.accumulation_dtype(q.dtype)
+        )
         return (out, lse) if return_lse else out
     needs_grad = _needs_grad(q, k_cmp, v_cmp)
     path = choose_path(q.device, q.dtype, needs_grad, return_lse, _path)

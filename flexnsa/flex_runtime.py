@@ -48,7 +48,9 @@ PATHS = ("reference", "flex_eager", "flex_compiled")
 # ---- feature checks (at import, so that a compiled caller never runs them) -------------------
 # torch >= 2.9 returns the log-sum-exp through ``return_aux=AuxRequest(lse=True)`` and deprecates
 # ``return_lse=True``; older versions only have the latter.
-HAS_AUX_REQUEST = hasattr(_flex_module, "AuxRequest") and "return_aux" in inspect.signature(flex_attention).parameters
+HAS_AUX_REQUEST = (
+    hasattr(_flex_module, "AuxRequest") and "return_aux" in inspect.signature(flex_attention).parameters
+)
 
 
 def _find_cpp_compiler() -> bool:
@@ -62,7 +64,9 @@ CPU_CAN_COMPILE = _find_cpp_compiler()
 _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
 
 
-def choose_path(device: torch.device, dtype: torch.dtype, needs_grad: bool, want_lse: bool, override=None) -> str:
+def choose_path(
+    device: torch.device, dtype: torch.dtype, needs_grad: bool, want_lse: bool, override=None
+) -> str:
     """One of :data:`PATHS` for inputs on ``device`` of ``dtype`` (table in the module docstring).
 
     ``override`` (tests and benchmarks) forces a path; it must be one of :data:`PATHS` or None.
@@ -102,7 +106,13 @@ def call_flex(
         return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa), None
     if HAS_AUX_REQUEST:
         out, aux = fn(
-            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_aux=_flex_module.AuxRequest(lse=True)
+            q,
+            k,
+            v,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=gqa,
+            return_aux=_flex_module.AuxRequest(lse=True),
         )
         return out, aux.lse
     out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)

@@ -28,6 +28,8 @@ def causal() -> MaskPattern:
     return MaskPattern("causal", causal_mask_mod(), _tables)
 
 
-def causal_block_mask(q_len: int, kv_len: int | None = None, device="cpu", block_size=DEFAULT_BLOCK_SIZE) -> BlockMask:
+def causal_block_mask(
+    q_len: int, kv_len: int | None = None, device="cpu", block_size=DEFAULT_BLOCK_SIZE
+) -> BlockMask:
     """Closed-form ``BlockMask`` of :func:`causal` (no ``O(T^2)`` mask evaluation)."""
     return causal().block_mask(q_len, kv_len, device, block_size)

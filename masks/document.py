@@ -88,12 +88,16 @@ def _id_range_per_block(ids: torch.Tensor, block: int) -> tuple[torch.Tensor, to
     return ids.amin(-1), ids.amax(-1)
 
 
-def document(doc_ids: torch.Tensor, inner: MaskPattern | None = None, kv_doc_ids: torch.Tensor | None = None) -> MaskPattern:
+def document(
+    doc_ids: torch.Tensor, inner: MaskPattern | None = None, kv_doc_ids: torch.Tensor | None = None
+) -> MaskPattern:
     """The document pattern, ANDed with ``inner`` when given (block tables ANDed too)."""
     q_doc = _as_batched(doc_ids, "doc_ids")
     kv_doc = q_doc if kv_doc_ids is None else _as_batched(kv_doc_ids, "kv_doc_ids")
     if inner is not None and not isinstance(inner, MaskPattern):
-        raise ValueError("inner must be a flexnsa.masks.MaskPattern (use document_mask_mod for a bare mask_mod)")
+        raise ValueError(
+            "inner must be a flexnsa.masks.MaskPattern (use document_mask_mod for a bare mask_mod)"
+        )
     batch = max(q_doc.shape[0], kv_doc.shape[0])
 
     def tables(q_len, kv_len, q_block, kv_block, device):
@@ -121,8 +125,12 @@ def document(doc_ids: torch.Tensor, inner: MaskPattern | None = None, kv_doc_ids
 
     name = "document" if inner is None else f"document & {inner.name}"
     has_tables = inner is None or inner._block_tables is not None
-    pattern = MaskPattern(name, document_mask_mod(q_doc, inner, kv_doc), tables if has_tables else None,
-                          max(batch, 1 if inner is None else inner.batch))
+    pattern = MaskPattern(
+        name,
+        document_mask_mod(q_doc, inner, kv_doc),
+        tables if has_tables else None,
+        max(batch, 1 if inner is None else inner.batch),
+    )
     return pattern
 
 

@@ -63,7 +63,11 @@ def to_ascii(
     dense = _dense(pattern, q_len, kv_len, batch_index, head).cpu()
     cells = _downsample(dense, max_width, max_width)
     name = pattern.name if isinstance(pattern, MaskPattern) else getattr(pattern, "__name__", "mask_mod")
-    scale = "" if cells.shape == dense.shape else f", {-(-q_len // cells.shape[0])}x{-(-kv_len // cells.shape[1])} entries per char"
+    scale = (
+        ""
+        if cells.shape == dense.shape
+        else f", {-(-q_len // cells.shape[0])}x{-(-kv_len // cells.shape[1])} entries per char"
+    )
     lines = [f"{name}: {q_len} queries (rows) x {kv_len} keys (columns){scale}"]
     lines += ["".join(_CELL[int(x)] for x in row) for row in cells]
     if blocks and isinstance(pattern, MaskPattern):
@@ -99,9 +103,14 @@ def to_png(
     axes[0, 0].set(title="mask", xlabel="key", ylabel="query")
     if with_blocks:
         kinds = block_kinds(pattern, q_len, kv_len, block_size, batch_index).cpu()
-        axes[0, 1].imshow(kinds.numpy(), cmap="Greens", vmin=0, vmax=2, interpolation="nearest", aspect="auto")
-        axes[0, 1].set(title=f"blocks of {block_size}: dark full, light partial", xlabel="key block",
-                       ylabel="query block")
+        axes[0, 1].imshow(
+            kinds.numpy(), cmap="Greens", vmin=0, vmax=2, interpolation="nearest", aspect="auto"
+        )
+        axes[0, 1].set(
+            title=f"blocks of {block_size}: dark full, light partial",
+            xlabel="key block",
+            ylabel="query block",
+        )
     name = pattern.name if with_blocks else getattr(pattern, "__name__", "mask_mod")
     fig.suptitle(name)
     fig.tight_layout()

@@ -193,7 +193,11 @@ class MaskPattern:
         return dense_block_tables(self.mask_mod, q_len, kv_len, q_block, kv_block, device, self.batch)
 
     def block_mask(
-        self, q_len: int, kv_len: int | None = None, device="cpu", block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE
+        self,
+        q_len: int,
+        kv_len: int | None = None,
+        device="cpu",
+        block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
     ) -> BlockMask:
         """The ``BlockMask`` of this pattern (closed form when the pattern has block tables)."""
         kv_len = q_len if kv_len is None else kv_len

@@ -16,8 +16,10 @@ __all__ = ["prefix_lm", "prefix_lm_mask_mod", "prefix_lm_block_mask"]
 def _check_prefix(prefix_len):
     if isinstance(prefix_len, torch.Tensor):
         if prefix_len.dim() != 1 or prefix_len.dtype.is_floating_point or prefix_len.dtype == torch.bool:
-            raise ValueError(f"prefix_len must be an int or an integer tensor [B], got {prefix_len.dtype} "
-                             f"{tuple(prefix_len.shape)}")
+            raise ValueError(
+                f"prefix_len must be an int or an integer tensor [B], got {prefix_len.dtype} "
+                f"{tuple(prefix_len.shape)}"
+            )
         return prefix_len
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
         raise ValueError(f"prefix_len must be an int >= 0 or an integer tensor [B], got {prefix_len!r}")

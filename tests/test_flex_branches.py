@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flexnsa.masks.pattern import evaluate_mask_mod
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nsa_inputs import configs
 
 import flexnsa
 from flexnsa import flex_branches as fb
 from flexnsa import flex_runtime, reference
-from flexnsa.masks.pattern import evaluate_mask_mod
-from nsa_inputs import configs
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -31,7 +31,9 @@ def assert_within_reference_error(fast, exact, lowp, dtype, what=""):
     assert torch.equal(torch.isfinite(fast), finite), f"{what}: -inf pattern differs"
     err_fast = (fast.double() - exact).abs()[finite].max().item() if finite.any() else 0.0
     err_lowp = (lowp.double() - exact).abs()[finite].max().item() if finite.any() else 0.0
-    assert err_fast <= 3 * err_lowp + FLOOR[dtype], f"{what}: error {err_fast:.3g} vs reference's {err_lowp:.3g}"
+    assert err_fast <= 3 * err_lowp + FLOOR[dtype], (
+        f"{what}: error {err_fast:.3g} vs reference's {err_lowp:.3g}"
+    )
 
 
 @st.composite
@@ -89,7 +91,9 @@ def compressed_reference(q, kc, vc, cfg):
 
 # ---- forward against the reference (FlexAttention eager: same mask_mods, no compile per shape) --
 @settings(max_examples=15)
-@given(shapes(), st.sampled_from([0, 1, 5, 16, 33, 128, 1000]), st.sampled_from([torch.float32, torch.bfloat16]))
+@given(
+    shapes(), st.sampled_from([0, 1, 5, 16, 33, 128, 1000]), st.sampled_from([torch.float32, torch.bfloat16])
+)
 def test_window_forward_matches_reference(s, window, dtype):
     q, k, v = window_inputs(s, dtype)
     out = fb.sliding_window_attention(q, k, v, window, _path="flex_eager")
@@ -118,8 +122,12 @@ def test_compressed_forward_matches_reference(s, cfg, dtype):
 def test_compressed_chunked_forward_is_exact(s, cfg, chunks):
     """Query chunks folded into the batch (the CUDA backward layout) give the unchunked result."""
     q, kc, vc = compressed_inputs(s, cfg)
-    out, lse = fb.compressed_attention(q, kc, vc, cfg, return_lse=True, _path="flex_eager", _num_chunks=chunks)
-    plain, plain_lse = fb.compressed_attention(q, kc, vc, cfg, return_lse=True, _path="flex_eager", _num_chunks=1)
+    out, lse = fb.compressed_attention(
+        q, kc, vc, cfg, return_lse=True, _path="flex_eager", _num_chunks=chunks
+    )
+    plain, plain_lse = fb.compressed_attention(
+        q, kc, vc, cfg, return_lse=True, _path="flex_eager", _num_chunks=1
+    )
     torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse, plain_lse, atol=1e-6, rtol=1e-5)
     (exact, exact_lse), (lowp, lowp_lse) = compressed_reference(q, kc, vc, cfg)
@@ -160,7 +168,9 @@ def test_no_compressed_token_returns_zeros_and_minus_inf():
     assert kc.shape[2] == 0
     out, lse = fb.compressed_attention(q, kc, vc, cfg, return_lse=True)
     assert torch.equal(out, torch.zeros(2, 4, 31, 8)) and torch.all(lse == float("-inf"))
-    assert torch.equal(fb.compressed_attention(q, kc, vc, cfg, _path="flex_compiled"), out)  # no kernel launched
+    assert torch.equal(
+        fb.compressed_attention(q, kc, vc, cfg, _path="flex_compiled"), out
+    )  # no kernel launched
 
 
 def test_zero_window_returns_zeros():
@@ -287,7 +297,9 @@ def test_compiled_cpu_kernels_match_reference():
     q, kc, vc = compressed_inputs(s, cfg)
     doc = _doc_ids(2, 700, 6)
     with torch.no_grad():
-        out = fb.compressed_attention(q, kc, vc, cfg, _path="flex_compiled", _num_chunks=3, mask_mod=_document_mod(doc))
+        out = fb.compressed_attention(
+            q, kc, vc, cfg, _path="flex_compiled", _num_chunks=3, mask_mod=_document_mod(doc)
+        )
         expected = fb.compressed_attention(q, kc, vc, cfg, _path="reference", mask_mod=_document_mod(doc))
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
 
@@ -334,7 +346,9 @@ def test_fullgraph_compile_with_inductor_and_user_mask():
     mod = _document_mod(_doc_ids(2, 200, 1))
 
     def run(q, k, v, kc, vc):
-        return fb.sliding_window_attention(q, k, v, 50, mask_mod=mod), fb.compressed_attention(q, kc, vc, cfg, mask_mod=mod)
+        return fb.sliding_window_attention(q, k, v, 50, mask_mod=mod), fb.compressed_attention(
+            q, kc, vc, cfg, mask_mod=mod
+        )
 
     with torch.no_grad():
         got = torch.compile(run, fullgraph=True)(q, k, v, kc, vc)

@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import flex_attention
 
-from flexnsa import reference
-from flexnsa import masks
+from flexnsa import masks, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -98,7 +97,11 @@ def test_compressed_causal(d, ratio, seq_len, q_block, kv_block):
 @settings(max_examples=20)
 @given(st.integers(1, 70), st.lists(st.integers(0, 80), min_size=1, max_size=3), BLOCKS)
 def test_prefix_lm(seq_len, prefixes, block):
-    check_pattern(masks.prefix_lm(prefixes[0]), loop_mask(seq_len, seq_len, lambda b, t, s: s < prefixes[0] or s <= t), block)
+    check_pattern(
+        masks.prefix_lm(prefixes[0]),
+        loop_mask(seq_len, seq_len, lambda b, t, s: s < prefixes[0] or s <= t),
+        block,
+    )
     per_batch = torch.tensor(prefixes)
     expected = loop_mask(seq_len, seq_len, lambda b, t, s: s < prefixes[b] or s <= t, batch=len(prefixes))
     check_pattern(masks.prefix_lm(per_batch), expected, block)
@@ -131,9 +134,13 @@ def test_document_with_compressed(doc, d, ratio, block):
     assert kv_doc.shape == (1, num_cmp)
     # hand-written: token i is visible iff causal and every raw token of it is in the query's document
     expected = loop_mask(
-        T, num_cmp, lambda b, t, i: i * d + l - 1 <= t and all(doc[s] == doc[t] for s in range(i * d, i * d + l))
+        T,
+        num_cmp,
+        lambda b, t, i: i * d + l - 1 <= t and all(doc[s] == doc[t] for s in range(i * d, i * d + l)),
     )
-    check_pattern(masks.document(doc, masks.compressed_causal(l, d), kv_doc), expected, block, exact_any=False)
+    check_pattern(
+        masks.document(doc, masks.compressed_causal(l, d), kv_doc), expected, block, exact_any=False
+    )
 
 
 def test_document_batched_ids_and_shared_row():
@@ -143,7 +150,9 @@ def test_document_batched_ids_and_shared_row():
     # a single row of ids ignores the batch index (works for any batch of the kernel)
     mod = masks.document_mask_mod(doc[0])
     b = torch.tensor(5)
-    assert bool(mod(b, 0, torch.tensor(0), torch.tensor(1))) and not bool(mod(b, 0, torch.tensor(0), torch.tensor(2)))
+    assert bool(mod(b, 0, torch.tensor(0), torch.tensor(1))) and not bool(
+        mod(b, 0, torch.tensor(0), torch.tensor(2))
+    )
 
 
 def test_and_of_patterns_and_dense_fallback():
@@ -154,7 +163,9 @@ def test_and_of_patterns_and_dense_fallback():
     combined = masks.causal() & no_tables
     expected = loop_mask(37, 37, lambda b, t, s: s <= t and s % 2 == 1)
     check_pattern(combined, expected, 4)
-    check_pattern(masks.causal() & masks.sliding_window(9), loop_mask(40, 40, lambda b, t, s: t - 9 < s <= t), 8)
+    check_pattern(
+        masks.causal() & masks.sliding_window(9), loop_mask(40, 40, lambda b, t, s: t - 9 < s <= t), 8
+    )
 
 
 def test_bad_arguments():
@@ -215,5 +226,7 @@ def test_ascii_drawing():
 
 def test_png_drawing(tmp_path):
     pytest.importorskip("matplotlib")
-    path = masks.document(torch.tensor([0] * 50 + [1] * 78), masks.causal()).png(tmp_path / "doc.png", 128, block_size=16)
+    path = masks.document(torch.tensor([0] * 50 + [1] * 78), masks.causal()).png(
+        tmp_path / "doc.png", 128, block_size=16
+    )
     assert path.exists() and path.stat().st_size > 0
