@@ -230,3 +230,31 @@ def test_png_drawing(tmp_path):
         tmp_path / "doc.png", 128, block_size=16
     )
     assert path.exists() and path.stat().st_size > 0
+
+
+# ---- the README's "write your own pattern" example -------------------------------------------
+def chunk_causal(size: int) -> masks.MaskPattern:
+    """Causal attention inside chunks of ``size`` tokens (the README example)."""
+
+    def rule(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx // size == q_idx // size)
+
+    def tables(q_len, kv_len, q_block, kv_block, device):
+        return masks.interval_block_tables(
+            lambda t: t - t % size, lambda t: t, q_len, kv_len, q_block, kv_block, device
+        )
+
+    return masks.MaskPattern(f"chunk_causal_{size}", rule, tables)
+
+
+@settings(max_examples=10)
+@given(st.integers(1, 80), st.integers(1, 20), BLOCKS)
+def test_readme_example_pattern(seq_len, size, block):
+    expected = loop_mask(seq_len, seq_len, lambda b, t, s: s <= t and s // size == t // size)
+    check_pattern(chunk_causal(size), expected, block)
+    check_pattern(
+        chunk_causal(size) & masks.sliding_window(5),
+        expected & loop_mask(seq_len, seq_len, lambda b, t, s: t - 5 < s <= t),
+        block,
+        exact_any=False,
+    )
