@@ -1,0 +1,65 @@
+"""Median run time of a callable: ``triton.testing.do_bench`` on CUDA, a wall-clock loop on the CPU."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["median_ms", "free_memory", "is_oom"]
+
+
+def _reset_grads(leaves: Sequence[torch.Tensor]) -> None:
+    for x in leaves:
+        x.grad = None
+
+
+def median_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    leaves: Sequence[torch.Tensor] = (),
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    cpu_reps: int = 5,
+) -> float:
+    """Median milliseconds of ``fn()``, after warm-up, with the ``.grad`` of ``leaves`` set to None
+    before each run (so a forward+backward never accumulates into an existing gradient).
+
+    CUDA: ``triton.testing.do_bench(..., return_mode="median")`` (it also flushes the L2 cache
+    between runs). CPU: one warm-up call, then the median of ``cpu_reps`` timed calls.
+    """
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        _reset_grads(leaves)
+        ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(leaves), return_mode="median")
+        _reset_grads(leaves)
+        return float(ms)
+    _reset_grads(leaves)
+    fn()
+    times = []
+    for _ in range(cpu_reps):
+        _reset_grads(leaves)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    _reset_grads(leaves)
+    return statistics.median(times)
+
+
+def free_memory() -> None:
+    """Drop unreferenced tensors and return cached CUDA blocks to the driver."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def is_oom(error: BaseException) -> bool:
+    """True for CUDA out-of-memory errors, whatever layer raised them (torch, triton, cuDNN)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return "out of memory" in str(error).lower()
