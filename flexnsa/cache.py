@@ -7,6 +7,9 @@ Per layer the cache holds, in buffers allocated once to a maximum length:
   when ``share_window_kv=True``);
 - ``k_cmp, v_cmp`` ``[B, HKV, max_cmp, Dk|Dv]`` with ``max_cmp = Tc(max_len)``: compressed tokens,
   token ``i`` summarising raw tokens ``[i*d, i*d + l)``;
+- ``k_cmp_raw, v_cmp_raw`` ``[B, HKV, max_len, Dk|Dv]``: the raw input of ``phi`` when it is not the
+  selection branch's ``k, v`` (``separate_cmp_raw=True``; e.g. the module compresses its own
+  projection, before RoPE); otherwise the same tensors as ``k, v``;
 - ``lengths[layer]``: the number of tokens held, an int64 device tensor.
 
 Every write is at positions computed on the device from ``lengths``, and every shape depends only on
@@ -35,10 +38,13 @@ from .config import NSAConfig
 
 __all__ = ["NSACache", "LayerCache", "CompressFn"]
 
-CompressFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""``compress(k_blocks [N, HKV, l, Dk], v_blocks [N, HKV, l, Dv]) -> (k_cmp [N, HKV, 1, Dk],
-v_cmp [N, HKV, 1, Dv])``: ``phi_k`` and ``phi_v`` applied to ``N`` independent raw groups of ``l``
-tokens. Any full-sequence compressor ``[.., T, D] -> [.., Tc(T), D]`` satisfies it (``Tc(l) = 1``)."""
+CompressFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``compress(k_blocks [B, HKV, M, l, Dk], v_blocks [B, HKV, M, l, Dv], ends int64 [M]) ->
+(k_cmp [B, HKV, M, Dk], v_cmp [B, HKV, M, Dv])``: ``phi_k``/``phi_v`` applied to ``M`` raw groups of
+``l`` tokens each; ``ends[m] = i_m*d + l - 1`` is the position of group ``m``'s last token (where
+the module rotates compressed keys). A full-sequence compressor ``[B, H, T, D] -> [B, H, Tc(T), D]``
+serves by folding ``M`` into the heads: ``phi(blocks.flatten(1, 2)).view(B, HKV, M, D)``
+(``Tc(l) = 1``)."""
 
 
 @dataclasses.dataclass
@@ -51,6 +57,8 @@ class LayerCache:
     v_win: torch.Tensor  # [B, HKV, max_len, Dv], v itself when shared
     cmp_k_buf: torch.Tensor  # [B, HKV, max_cmp + 1, Dk]: the last row is a write-only scratch row
     cmp_v_buf: torch.Tensor  # [B, HKV, max_cmp + 1, Dv]
+    k_cmp_raw: torch.Tensor  # [B, HKV, max_len, Dk], k itself unless separate_cmp_raw
+    v_cmp_raw: torch.Tensor  # [B, HKV, max_len, Dv], v itself unless separate_cmp_raw
 
     @property
     def k_cmp(self) -> torch.Tensor:
@@ -74,6 +82,8 @@ class NSACache:
         max_len: capacity in tokens (prompt plus generated tokens).
         qk_dim: ``Dk``; v_dim: ``Dv`` (``Dk`` when None).
         share_window_kv: the window branch reads the selection branch's ``k, v`` (no extra buffers).
+        separate_cmp_raw: ``phi`` reads its own raw keys/values (``k_cmp_raw``/``v_cmp_raw`` of
+            :meth:`prefill` and :meth:`append`) instead of the selection branch's ``k, v``.
         dtype, device: of the buffers (the model's activations).
 
     Buffers start zeroed, so the pure-PyTorch decode path, which masks the whole capacity, never
@@ -91,6 +101,7 @@ class NSACache:
         v_dim: int | None = None,
         *,
         share_window_kv: bool = False,
+        separate_cmp_raw: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -117,6 +128,7 @@ class NSACache:
         self.qk_dim = qk_dim
         self.v_dim = v_dim
         self.share_window_kv = bool(share_window_kv)
+        self.separate_cmp_raw = bool(separate_cmp_raw)
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.max_cmp = config.num_cmp_tokens(max_len)
@@ -131,7 +143,11 @@ class NSACache:
             k_win, v_win = k, v
         else:
             k_win, v_win = new(S, self.qk_dim), new(S, self.v_dim)
-        return LayerCache(k, v, k_win, v_win, new(C + 1, self.qk_dim), new(C + 1, self.v_dim))
+        if self.separate_cmp_raw:
+            k_raw, v_raw = new(S, self.qk_dim), new(S, self.v_dim)
+        else:
+            k_raw, v_raw = k, v
+        return LayerCache(k, v, k_win, v_win, new(C + 1, self.qk_dim), new(C + 1, self.v_dim), k_raw, v_raw)
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def reset(self) -> None:
@@ -155,7 +171,7 @@ class NSACache:
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"layer_idx must lie in [0, {self.num_layers}), got {layer_idx}")
 
-    def _check_kv(self, k, v, k_win, v_win, tokens_dim_name: str = "T_new") -> int:
+    def _check_kv(self, k, v, k_win, v_win, k_cmp_raw, v_cmp_raw, tokens_dim_name: str = "T_new") -> int:
         """Validates new raw keys/values; returns their token count."""
         _check_tensor("k", k)
         _check_tensor("v", v)
@@ -176,6 +192,16 @@ class NSACache:
             _expect_shape("k_win", k_win, tuple(k.shape), f"[B, HKV, {tokens_dim_name}, Dk]")
             _expect_shape("v_win", v_win, tuple(v.shape), f"[B, HKV, {tokens_dim_name}, Dv]")
             named += [("k_win", k_win), ("v_win", v_win)]
+        if self.separate_cmp_raw != (k_cmp_raw is not None) or (k_cmp_raw is None) != (v_cmp_raw is None):
+            want = "given" if self.separate_cmp_raw else "None"
+            raise ValueError(f"k_cmp_raw and v_cmp_raw must be {want}: the cache has separate_cmp_raw="
+                             f"{self.separate_cmp_raw}")
+        if k_cmp_raw is not None:
+            _check_tensor("k_cmp_raw", k_cmp_raw)
+            _check_tensor("v_cmp_raw", v_cmp_raw)
+            _expect_shape("k_cmp_raw", k_cmp_raw, tuple(k.shape), f"[B, HKV, {tokens_dim_name}, Dk]")
+            _expect_shape("v_cmp_raw", v_cmp_raw, tuple(v.shape), f"[B, HKV, {tokens_dim_name}, Dv]")
+            named += [("k_cmp_raw", k_cmp_raw), ("v_cmp_raw", v_cmp_raw)]
         for name, x in named:
             if x.device != self.device:
                 raise ValueError(f"{name} must be on the cache's device {self.device}, got {x.device}")
@@ -204,16 +230,19 @@ class NSACache:
         *,
         k_win: torch.Tensor | None = None,
         v_win: torch.Tensor | None = None,
+        k_cmp_raw: torch.Tensor | None = None,
+        v_cmp_raw: torch.Tensor | None = None,
     ) -> None:
         """Makes layer ``layer_idx`` hold exactly a prompt of ``T`` tokens (whatever it held before).
 
         ``k [B, HKV, T, Dk]``, ``v [B, HKV, T, Dv]``, ``k_cmp``/``v_cmp`` ``[B, HKV, Tc(T), D]`` (the
         compressed tokens the full-sequence forward already computed), ``k_win``/``v_win`` like
         ``k``/``v`` unless the window branch shares them (then they default to ``k``/``v`` and must
-        be None when the cache shares its buffers).
+        be None when the cache shares its buffers); ``k_cmp_raw``/``v_cmp_raw`` (like ``k``/``v``,
+        exactly when ``separate_cmp_raw``) the raw input of ``phi``, kept for the groups to come.
         """
         self._check_layer(layer_idx)
-        T = self._check_kv(k, v, k_win, v_win, "T")
+        T = self._check_kv(k, v, k_win, v_win, k_cmp_raw, v_cmp_raw, "T")
         if T > self.max_len:
             raise ValueError(f"the prompt's {T} tokens exceed the cache's max_len={self.max_len}")
         Tc = self.config.num_cmp_tokens(T)
@@ -228,6 +257,9 @@ class NSACache:
         if not self.share_window_kv:
             layer.k_win[:, :, :T] = k if k_win is None else k_win
             layer.v_win[:, :, :T] = v if v_win is None else v_win
+        if self.separate_cmp_raw:
+            layer.k_cmp_raw[:, :, :T] = k_cmp_raw
+            layer.v_cmp_raw[:, :, :T] = v_cmp_raw
         layer.cmp_k_buf[:, :, :Tc] = k_cmp
         layer.cmp_v_buf[:, :, :Tc] = v_cmp
         self.lengths[layer_idx].fill_(T)
@@ -241,21 +273,23 @@ class NSACache:
         *,
         k_win: torch.Tensor | None = None,
         v_win: torch.Tensor | None = None,
+        k_cmp_raw: torch.Tensor | None = None,
+        v_cmp_raw: torch.Tensor | None = None,
     ) -> None:
         """Appends ``T_new`` tokens to layer ``layer_idx`` after the ``L`` it holds, fixed-shape.
 
-        Writes ``k, v`` (``[B, HKV, T_new, D]``) and the window K/V at positions ``L .. L+T_new-1``,
-        then appends every compressed token completed by them: token ``i`` with
-        ``L <= i*d + l - 1 <= L + T_new - 1``. There are at most ``M = (T_new - 1) // d + 1`` of
-        them; ``M`` candidate groups are always gathered and compressed with ``compress`` (see
-        :data:`CompressFn`) and the ones not completed are written to a scratch row, so that
-        nothing depends on ``L`` on the host. Finally ``lengths[layer_idx] += T_new`` on the device.
+        Writes ``k, v`` (``[B, HKV, T_new, D]``), the window K/V and (``separate_cmp_raw``) phi's raw
+        input ``k_cmp_raw, v_cmp_raw`` at positions ``L .. L+T_new-1``, then appends every compressed
+        token completed by them: token ``i`` with ``L <= i*d + l - 1 <= L + T_new - 1``. There are at
+        most ``M = (T_new - 1) // d + 1`` of them; ``M`` candidate groups are always gathered and
+        compressed with ``compress`` (see :data:`CompressFn`) and the ones not completed are written
+        to a scratch row, so that nothing depends on ``L`` on the host. Finally ``lengths[layer_idx] += T_new`` on the device.
 
         A single-token step thus runs ``compress`` once per layer on ``B`` groups of ``l`` tokens,
         whether or not a group completes (cheap, and what makes the step capturable).
         """
         self._check_layer(layer_idx)
-        T_new = self._check_kv(k, v, k_win, v_win)
+        T_new = self._check_kv(k, v, k_win, v_win, k_cmp_raw, v_cmp_raw)
         if not callable(compress):
             raise ValueError(f"compress must be callable, got {type(compress).__name__}")
         self._check_capacity(layer_idx, T_new)
@@ -267,6 +301,9 @@ class NSACache:
         if not self.share_window_kv:
             layer.k_win.index_copy_(2, positions, (k if k_win is None else k_win).to(self.dtype))
             layer.v_win.index_copy_(2, positions, (v if v_win is None else v_win).to(self.dtype))
+        if self.separate_cmp_raw:
+            layer.k_cmp_raw.index_copy_(2, positions, k_cmp_raw.to(self.dtype))
+            layer.v_cmp_raw.index_copy_(2, positions, v_cmp_raw.to(self.dtype))
         if self.max_cmp > 0:
             self._append_compressed(layer, held, T_new, compress)
         self.lengths[layer_idx].add_(T_new)
@@ -278,20 +315,16 @@ class NSACache:
         # first group whose last token i*d + l - 1 is >= L: i = ceil((L - l + 1) / d), at least 0
         first = torch.div(held - l + d, d, rounding_mode="floor").clamp(min=0)
         group = first + torch.arange(M, device=self.device)  # [M] candidate compressed token ids
-        done = group * d + l - 1 <= held + T_new - 1  # [M] completed by this append
+        ends = group * d + l - 1  # [M] position of each group's last raw token
+        done = ends <= held + T_new - 1  # [M] completed by this append
         raw_pos = (group[:, None] * d + torch.arange(l, device=self.device)).clamp(max=self.max_len - 1)
         raw_pos = raw_pos.flatten()  # [M * l]
-
-        def blocks(buf: torch.Tensor) -> torch.Tensor:
-            x = buf.index_select(2, raw_pos).unflatten(2, (M, l))  # [B, HKV, M, l, D]
-            return x.transpose(1, 2).flatten(0, 1)  # [B * M, HKV, l, D]
-
-        k_tok, v_tok = compress(blocks(layer.k), blocks(layer.v))  # [B * M, HKV, 1, D]
+        blocks = lambda buf: buf.index_select(2, raw_pos).unflatten(2, (M, l))  # noqa: E731  [B, HKV, M, l, D]
+        k_tok, v_tok = compress(blocks(layer.k_cmp_raw), blocks(layer.v_cmp_raw), ends)  # [B, HKV, M, D]
         for name, tok, dim in (("k_cmp", k_tok, self.qk_dim), ("v_cmp", v_tok, self.v_dim)):
-            if not isinstance(tok, torch.Tensor) or tuple(tok.shape) != (B * M, H, 1, dim):
+            if not isinstance(tok, torch.Tensor) or tuple(tok.shape) != (B, H, M, dim):
                 got = tuple(tok.shape) if isinstance(tok, torch.Tensor) else type(tok).__name__
-                raise ValueError(f"compress must return {name} of shape {(B * M, H, 1, dim)}, got {got}")
+                raise ValueError(f"compress must return {name} of shape {(B, H, M, dim)}, got {got}")
         slot = torch.where(done, group, self.max_cmp)  # [M]; incomplete groups -> scratch row
-        to_rows = lambda tok: tok.reshape(B, M, H, -1).transpose(1, 2).to(self.dtype)  # noqa: E731
-        layer.cmp_k_buf.index_copy_(2, slot, to_rows(k_tok))  # [B, HKV, M, Dk] rows
-        layer.cmp_v_buf.index_copy_(2, slot, to_rows(v_tok))
+        layer.cmp_k_buf.index_copy_(2, slot, k_tok.to(self.dtype))
+        layer.cmp_v_buf.index_copy_(2, slot, v_tok.to(self.dtype))

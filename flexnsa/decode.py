@@ -235,14 +235,17 @@ def nsa_decode(
     *,
     k_win: torch.Tensor | None = None,
     v_win: torch.Tensor | None = None,
+    k_cmp_raw: torch.Tensor | None = None,
+    v_cmp_raw: torch.Tensor | None = None,
     config: NSAConfig | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One decode step of a layer: :meth:`NSACache.append` of the new ``k, v`` (``[B, HKV, T_new, D]``,
-    compressed tokens through ``compress``) then :func:`nsa_decode_step`. Returns ``[B, HQ, T_new, Dv]``.
-    Host-sync free and of fixed shapes: capturable in a CUDA graph."""
-    cache.append(layer_idx, k, v, compress, k_win=k_win, v_win=v_win)
+    """One decode step of a layer: :meth:`NSACache.append` of the new ``k, v`` (``[B, HKV, T_new, D]``;
+    window K/V and phi's raw input where the cache keeps them separately; compressed tokens through
+    ``compress``, see :data:`flexnsa.cache.CompressFn`) then :func:`nsa_decode_step`.
+    Returns ``[B, HQ, T_new, Dv]``. Host-sync free and of fixed shapes: capturable in a CUDA graph."""
+    cache.append(layer_idx, k, v, compress, k_win=k_win, v_win=v_win, k_cmp_raw=k_cmp_raw, v_cmp_raw=v_cmp_raw)
     return nsa_decode_step(q, cache, layer_idx, gates, config, scale, backend=backend)
 
 
@@ -258,15 +261,17 @@ def nsa_prefill(
     *,
     k_win: torch.Tensor | None = None,
     v_win: torch.Tensor | None = None,
+    k_cmp_raw: torch.Tensor | None = None,
+    v_cmp_raw: torch.Tensor | None = None,
     config: NSAConfig | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Full-sequence NSA over a prompt (:func:`flexnsa.nsa_attention`, fastest backend) that also
-    fills layer ``layer_idx`` of the cache with its ``k, v``, window K/V and compressed tokens
-    (:meth:`NSACache.prefill`). Returns ``[B, HQ, T, Dv]``."""
+    fills layer ``layer_idx`` of the cache with its ``k, v``, window K/V, compressed tokens and
+    (``separate_cmp_raw`` caches) phi's raw input (:meth:`NSACache.prefill`). Returns ``[B, HQ, T, Dv]``."""
     config = cache.config if config is None else config
     if config != cache.config:
         raise ValueError(f"config {config} differs from the cache's config {cache.config}")
     o = nsa_attention(q, k, v, k_cmp, v_cmp, gates, config, k_win=k_win, v_win=v_win, scale=scale)
-    cache.prefill(layer_idx, k, v, k_cmp, v_cmp, k_win=k_win, v_win=v_win)
+    cache.prefill(layer_idx, k, v, k_cmp, v_cmp, k_win=k_win, v_win=v_win, k_cmp_raw=k_cmp_raw, v_cmp_raw=v_cmp_raw)
     return o

@@ -61,7 +61,8 @@ def fail(msg: str) -> None:
 
 # ---- inputs -----------------------------------------------------------------------------------
 def mean_pool_compress(config):
-    """phi = mean over the l tokens of a group: ``[N, H, S, D] -> [N, H, Tc(S), D]``."""
+    """phi = mean over the l tokens of a group: ``phi(x [N, H, S, D]) -> [N, H, Tc(S), D]``, and the
+    cache's ``compress(k_blocks [B, H, M, l, D], v_blocks, ends) -> [B, H, M, D]`` of the same phi."""
 
     def phi(x):
         if x.shape[2] < config.cmp_block:
@@ -69,7 +70,11 @@ def mean_pool_compress(config):
         groups = x.unfold(2, config.cmp_block, config.cmp_stride)  # view [N, H, Tc, D, l]
         return groups.mean(-1, dtype=torch.float32).to(x.dtype)
 
-    return phi, (lambda kb, vb: (phi(kb), phi(vb)))
+    def compress(k_blocks, v_blocks, ends):
+        pool = lambda b: b.mean(-2, dtype=torch.float32).to(b.dtype)  # noqa: E731
+        return pool(k_blocks), pool(v_blocks)
+
+    return phi, compress
 
 
 def random_problem(config, B, HKV, G, T, Dk, Dv, dtype, seed, queries=True):

@@ -28,7 +28,7 @@ F64 = torch.float64
 
 # ---- problem construction --------------------------------------------------------------------
 def linear_phi(x: torch.Tensor, weight: torch.Tensor, config) -> torch.Tensor:
-    """A position-aware compressor: ``[N, H, S, D] -> [N, H, Tc(S), D]``, flattened block @ weight."""
+    """An order-aware compressor: ``[N, H, S, D] -> [N, H, Tc(S), D]``, flattened block @ weight."""
     l, d = config.cmp_block, config.cmp_stride
     N, H, S, D = x.shape
     if S < l:
@@ -37,10 +37,18 @@ def linear_phi(x: torch.Tensor, weight: torch.Tensor, config) -> torch.Tensor:
     return blocks @ weight
 
 
+def position_term(ends: torch.Tensor, dim: int, dtype) -> torch.Tensor:
+    """``[M, dim]`` added to compressed keys at the position of their group's last token (a stand-in
+    for the module's RoPE, which checks that ``compress`` gets the right ``ends``)."""
+    freq = torch.arange(1, dim + 1, dtype=F64, device=ends.device) / dim
+    return (0.3 * torch.sin(ends.to(F64)[:, None] * freq)).to(dtype)
+
+
 class Problem:
     """Random full-sequence inputs and the matching ``compress`` callable."""
 
-    def __init__(self, config, B, HKV, G, T, Dk, Dv, dtype=F64, separate_window=True, seed=0, device="cpu"):
+    def __init__(self, config, B, HKV, G, T, Dk, Dv, dtype=F64, separate_window=True, seed=0, device="cpu",
+                 separate_cmp_raw=False):
         gen = torch.Generator().manual_seed(seed)
         rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=F64).to(device, dtype)  # noqa: E731
         HQ = HKV * G
@@ -52,16 +60,28 @@ class Problem:
         l = config.cmp_block
         self.wk = rnd(l * Dk, Dk) / (l * Dk) ** 0.5
         self.wv = rnd(l * Dv, Dv) / (l * Dv) ** 0.5
-        self.k_cmp = linear_phi(self.k, self.wk, config)
-        self.v_cmp = linear_phi(self.v, self.wv, config)
+        self.k_cmp_raw = rnd(B, HKV, T, Dk) if separate_cmp_raw else None  # phi's own input
+        self.v_cmp_raw = rnd(B, HKV, T, Dv) if separate_cmp_raw else None
+        k_raw = self.k if self.k_cmp_raw is None else self.k_cmp_raw
+        v_raw = self.v if self.v_cmp_raw is None else self.v_cmp_raw
+        Tc = config.num_cmp_tokens(T)
+        ends = torch.arange(Tc, device=device) * config.cmp_stride + l - 1
+        self.k_cmp = linear_phi(k_raw, self.wk, config) + position_term(ends, Dk, dtype)
+        self.v_cmp = linear_phi(v_raw, self.wv, config)
 
-    def compress(self, k_blocks, v_blocks):
-        return linear_phi(k_blocks, self.wk, self.config), linear_phi(v_blocks, self.wv, self.config)
+    def compress(self, k_blocks, v_blocks, ends):
+        """:data:`flexnsa.cache.CompressFn`: blocks ``[B, HKV, M, l, D]`` -> ``[B, HKV, M, D]``."""
+        k = k_blocks.flatten(-2) @ self.wk + position_term(ends, k_blocks.shape[-1], k_blocks.dtype)
+        return k, v_blocks.flatten(-2) @ self.wv
 
     def window_kv(self, lo, hi):
-        if self.k_win is None:
-            return {}
-        return {"k_win": self.k_win[:, :, lo:hi], "v_win": self.v_win[:, :, lo:hi]}
+        """The keyword arguments of the optional per-branch inputs for tokens ``lo .. hi - 1``."""
+        extra = {}
+        if self.k_win is not None:
+            extra.update(k_win=self.k_win[:, :, lo:hi], v_win=self.v_win[:, :, lo:hi])
+        if self.k_cmp_raw is not None:
+            extra.update(k_cmp_raw=self.k_cmp_raw[:, :, lo:hi], v_cmp_raw=self.v_cmp_raw[:, :, lo:hi])
+        return extra
 
     def reference(self, upcast=True):
         return reference.nsa_attention(
@@ -74,6 +94,7 @@ class Problem:
 
     def new_cache(self, max_len=None, **kw):
         kw.setdefault("share_window_kv", self.k_win is None)
+        kw.setdefault("separate_cmp_raw", self.k_cmp_raw is not None)
         return NSACache(
             self.config, 1, self.B, self.HKV, max_len or self.T, self.Dk, self.Dv,
             dtype=self.q.dtype, device=self.q.device, **kw,
@@ -151,8 +172,9 @@ def problems(draw, max_T=36):
     T = draw(st.integers(1, max_T))
     Dk, Dv = draw(st.sampled_from([(4, 4), (3, 5), (6, 2)]))
     separate = draw(st.booleans())
+    separate_raw = draw(st.booleans())
     seed = draw(st.integers(0, 2**16))
-    return Problem(config, B, HKV, G, T, Dk, Dv, separate_window=separate, seed=seed)
+    return Problem(config, B, HKV, G, T, Dk, Dv, separate_window=separate, seed=seed, separate_cmp_raw=separate_raw)
 
 
 def check_against_reference(problem, out, idx, prompt):
@@ -190,7 +212,7 @@ def test_cache_holds_the_full_sequence_compressed_tokens():
     """After decoding, the cache's compressed rows are exactly phi over the raw groups, appended
     as soon as each group completed, and the raw rows are the inputs."""
     cfg = flexnsa.NSAConfig(cmp_block=6, cmp_stride=2, slc_block=4, num_selected=2, num_local_blocks=1, window=3)
-    p = Problem(cfg, 2, 2, 3, 23, 4, 5)
+    p = Problem(cfg, 2, 2, 3, 23, 4, 5, separate_cmp_raw=True)
     cache = p.new_cache(max_len=30)
     held_cmp = []
     for t in range(p.T):
@@ -201,6 +223,7 @@ def test_cache_holds_the_full_sequence_compressed_tokens():
         assert cache.layers[0].k_cmp[:, :, Tc:].abs().sum() == 0  # nothing written past Tc(t + 1)
     layer = cache.layers[0]
     assert torch.equal(layer.k[:, :, : p.T], p.k) and torch.equal(layer.v_win[:, :, : p.T], p.v_win)
+    assert torch.equal(layer.k_cmp_raw[:, :, : p.T], p.k_cmp_raw)
     torch.testing.assert_close(layer.v_cmp[:, :, : held_cmp[-1]], p.v_cmp, rtol=0, atol=1e-12)
 
 
@@ -291,7 +314,9 @@ def test_invalid_arguments_raise_value_error():
         ("k", lambda: cache.append(0, k[..., :3], v, p.compress, **kw)),
         ("v_win", lambda: cache.append(0, k, v, p.compress, k_win=kw["k_win"])),
         ("compress", lambda: cache.append(0, k, v, None, **kw)),
-        ("compress must return", lambda: cache.append(0, k, v, lambda a, b: (a, b), **kw)),
+        ("compress must return", lambda: cache.append(0, k, v, lambda a, b, e: (a, b), **kw)),
+        ("k_cmp_raw", lambda: cache.append(0, k, v, p.compress, k_cmp_raw=k, v_cmp_raw=v, **kw)),
+        ("k_cmp_raw", lambda: NSACache(cfg, 1, 1, 2, 8, 4, separate_cmp_raw=True).append(0, k, v, p.compress)),
         ("k_cmp", lambda: cache.prefill(0, p.k, p.v, p.k_cmp[:, :, :1], p.v_cmp, **p.window_kv(0, 8))),
         ("max_len", lambda: NSACache(cfg, 1, 1, 2, 0, 4)),
         ("dtype", lambda: NSACache(cfg, 1, 1, 2, 8, 4, dtype=torch.int32)),
@@ -318,8 +343,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     from flexnsa import reference
 
     def run(cfg, B, HKV, G, T, Dk, Dv, prompt, steps, tuning, separate=True):
-        p64 = Problem(cfg, B, HKV, G, T, Dk, Dv, separate_window=separate, seed=T)
-        p = Problem(cfg, B, HKV, G, T, Dk, Dv, separate_window=separate, seed=T, dtype=torch.float32)
+        kw = dict(separate_window=separate, seed=T, separate_cmp_raw=separate)
+        p64 = Problem(cfg, B, HKV, G, T, Dk, Dv, **kw)
+        p = Problem(cfg, B, HKV, G, T, Dk, Dv, dtype=torch.float32, **kw)
         cache = p.new_cache(max_len=T + 3)
         if prompt:
             Tc = cfg.num_cmp_tokens(prompt)
@@ -345,13 +371,13 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
     T = decode_ops.DecodeTuning
     # several compressed splits and selection chunks, GQA G=3, Dk != Dv, multi-token steps
-    run(flexnsa.NSAConfig(8, 4, 8, 3, 1, 1, 6), 2, 2, 3, 41, 5, 7, 20, [1, 6, 2],
+    run(flexnsa.NSAConfig(8, 4, 8, 3, 1, 1, 6), 2, 2, 3, 41, 5, 7, 27, [1, 6, 2],
         T(cmp_tile_tokens=4, select_chunk_blocks=2, slc_tiles_per_program=1, programs_per_sm=2))
     # spill of two blocks (l = 3 l'), G=16, shared window K/V, window off
     run(flexnsa.NSAConfig(12, 4, 4, 4, 0, 2, 0), 1, 1, 16, 37, 8, 8, 30, [1, 3],
         T(cmp_tile_tokens=2, select_chunk_blocks=2, slc_tiles_per_program=2, programs_per_sm=2), separate=False)
     # prompt shorter than l (no compressed token yet), G=1, then crossing the first boundaries
-    run(flexnsa.NSAConfig(16, 8, 16, 2, 1, 1, 5), 1, 2, 1, 20, 4, 4, 6, [1, 2], T(programs_per_sm=1))
+    run(flexnsa.NSAConfig(16, 8, 16, 2, 1, 1, 5), 1, 2, 1, 19, 4, 4, 9, [1, 2], T(programs_per_sm=1))
     """
 )
 
