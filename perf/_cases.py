@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 from collections.abc import Callable
 
@@ -127,8 +128,23 @@ def _with_backward(fwd: Callable[[], object], grad_out: torch.Tensor) -> Callabl
     return fwd_bwd
 
 
+# where a piece lives until flexnsa/__init__.py exports it
+_HOMES = {
+    ("flexnsa", "compressed_attention"): "flexnsa.flex_branches",
+    ("flexnsa", "sliding_window_attention"): "flexnsa.flex_branches",
+    ("flexnsa", "NativeSparseAttention"): "flexnsa.module",
+}
+
+
 def _require(obj, attr: str, where: str):
+    """``obj.attr``, else the same name in its home module, else :class:`Unavailable`."""
     value = getattr(obj, attr, None)
+    home = _HOMES.get((where, attr))
+    if value is None and home is not None:
+        try:
+            value = getattr(importlib.import_module(home), attr, None)
+        except Exception:  # noqa: BLE001 - a half-built module counts as missing
+            value = None
     if value is None:
         raise Unavailable(f"{where}.{attr} is not built yet")
     return value
@@ -161,7 +177,11 @@ def _indices(inp: Inputs) -> tuple[torch.Tensor, str]:
     from flexnsa import custom_ops
 
     select = getattr(custom_ops, "select_blocks", None)
-    if select is not None and getattr(flexnsa, "compressed_attention", None) is not None:
+    try:
+        _compressed_fn()
+    except Unavailable:
+        select = None
+    if select is not None:
         with torch.no_grad():
             return select(inp.q, inp.k_cmp, _lse_cmp(inp), inp.config), ""
     B, HKV, T = inp.shape.batch, inp.shape.kv_heads, inp.seq_len
@@ -271,6 +291,8 @@ def build_module(inp: Inputs) -> Case:
             kwargs[name] = shape.v_dim
         elif name == "config":
             kwargs[name] = inp.config
+    if "qk_head_dim" in kwargs and any(n in kwargs for n in _V_DIM_NAMES):
+        kwargs.pop("head_dim", None)  # Dk and Dv given separately
     if shape.qk_dim != shape.v_dim and not any(n in kwargs for n in _V_DIM_NAMES):
         raise Unavailable(f"NativeSparseAttention takes no separate value head dim (Dv={shape.v_dim})")
     try:
@@ -357,17 +379,24 @@ def _cuda_only(inp: Inputs, what: str) -> None:
         raise Unavailable(f"{what} needs CUDA")
 
 
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Every (shape, T, mask) is a recompile of ``flex_attention`` (``dynamic=False``), in the
+    baselines and in flexnsa's own branches alike, and they share one code object: past dynamo's
+    default limit of 8 it would silently fall back to eager FlexAttention, which materialises the
+    full score matrix. A benchmark run over many shapes therefore raises the limit."""
+    import torch._dynamo
+
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+
+
 @functools.cache
 def _compiled_flex():
-    """One compiled FlexAttention for the whole run. Every (shape, T, mask) is a recompile
-    (``dynamic=False``); the default limit of 8 per code object would silently fall back to eager
-    FlexAttention, which materialises the full score matrix, so the limit is raised."""
-    import torch._dynamo
+    """One compiled FlexAttention for the whole run (see :func:`raise_recompile_limit`)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    for limit in ("cache_size_limit", "recompile_limit"):
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    raise_recompile_limit()
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -473,3 +502,6 @@ def baseline_names(device: torch.device) -> list[str]:
 
 def build_baseline(name: str, inp: Inputs) -> Case:
     return BASELINES[name](inp)
+
+
+raise_recompile_limit()

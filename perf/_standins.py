@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from _cases import Unavailable, _require
 from _setup import ensure_flexnsa
 
 ensure_flexnsa()
@@ -75,7 +76,9 @@ def install_stand_ins() -> list[str]:
         (custom_ops, "select_blocks", _select_blocks),
         (custom_ops, "selected_attention", _selected_attention),
     ):
-        if getattr(owner, name, None) is None:
+        try:
+            _require(owner, name, owner.__name__)
+        except Unavailable:
             setattr(owner, name, stand_in)
             filled.append(f"{owner.__name__}.{name}")
     return filled

@@ -100,10 +100,13 @@ def _auto_backend(device: torch.device) -> str:
     from flexnsa import functional
 
     resolve = getattr(functional, "_resolve_backend", None)
-    try:
-        return f"auto -> {resolve('auto', device)}" if resolve else "auto"
-    except Exception:  # noqa: BLE001 - informational only
-        return "auto"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for probe in (torch.empty(1, 1, 1, 1, device=device, dtype=dtype), device):
+        try:
+            return f"auto -> {resolve('auto', probe)}"
+        except Exception:  # noqa: BLE001 - informational only; the signature is private
+            continue
+    return "auto"
 
 
 def environment(device: torch.device, argv: list[str]) -> dict:
@@ -340,26 +343,39 @@ def main(argv=None) -> int:
             free_memory_safe()
 
     runner = Runner(device, deadline=start + args.budget_s)
+    slug = meta["slug"]
+    extra_notes = ["Dry run: reference-backed stand-ins replaced the pieces not built yet: "
+                   + ", ".join(stand_ins) + "."]
+
+    def build_run(lost: str | None, done: bool) -> dict:
+        meta["header"]["wall time"] = (f"{time.monotonic() - start:.0f} s (budget {args.budget_s:.0f} s)"
+                                       + ("" if done else ", run still going: partial report"))
+        return {
+            "meta": meta,
+            "checks": [dataclasses.asdict(c) for c in checks],
+            "records": runner.records,
+            "notes": notes(config, shapes, device) + ([f"**{lost}**"] if lost else [])
+            + (extra_notes if stand_ins else []),
+        }
+
+    def write_partial() -> None:
+        """Markdown and JSON after every point: a run killed from outside still leaves its numbers."""
+        run = build_run(None, done=False)
+        _writers.write_json(run, out_dir / f"{slug}.json")
+        _writers.write_markdown(run, out_dir / f"{slug}.md", None)
+
     lost = None
     try:
         for pieces in passes(device, args):
             for shape in shapes:
                 for seq_len in shape.seq_lens:
                     run_point(runner, shape, seq_len, config, pieces)
+                    write_partial()
     except ContextLost as error:
         lost = f"CUDA context lost ({error}); the remaining pieces did not run"
         print("ERROR: " + lost, file=sys.stderr, flush=True)
 
-    run = {
-        "meta": meta,
-        "checks": [dataclasses.asdict(c) for c in checks],
-        "records": runner.records,
-        "notes": notes(config, shapes, device) + ([f"**{lost}**"] if lost else [])
-        + ([f"Dry run: reference-backed stand-ins replaced the pieces not built yet: {', '.join(stand_ins)}."]
-           if stand_ins else []),
-    }
-    meta["header"]["wall time"] = f"{time.monotonic() - start:.0f} s (budget {args.budget_s:.0f} s)"
-    slug = meta["slug"]
+    run = build_run(lost, done=True)
     plot_name = None
     if not args.no_plot:
         problem = _writers.write_plot(run, out_dir / f"{slug}.png")
