@@ -31,6 +31,7 @@ from ._checks import _check_tensor, _expect_shape, check_config, check_scale
 from .cache import CompressFn, NSACache
 from .config import NSAConfig
 from .functional import nsa_attention
+from .reference import _default_scale
 
 __all__ = [
     "nsa_prefill",
@@ -45,7 +46,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---- validation and dispatch ----------------------------------------------------------------
-def _check_step_inputs(q, cache, layer_idx, gates, config, scale) -> NSAConfig:
+def _check_step_inputs(q, cache, layer_idx, gates, config, scale, need_gates=True) -> NSAConfig:
     if not isinstance(cache, NSACache):
         raise ValueError(f"cache must be a flexnsa.NSACache, got {type(cache).__name__}")
     cache._check_layer(layer_idx)
@@ -68,7 +69,7 @@ def _check_step_inputs(q, cache, layer_idx, gates, config, scale) -> NSAConfig:
         raise ValueError(f"q must have the cache's dtype {cache.dtype}, got {q.dtype}")
     if q.device != cache.device:
         raise ValueError(f"q must be on the cache's device {cache.device}, got {q.device}")
-    if gates is not None:
+    if need_gates or gates is not None:
         _check_tensor("gates", gates)
         _expect_shape("gates", gates, (B, HQ, T_new, 3), "[B, HQ, T_new, 3]")
         if gates.device != q.device:
@@ -85,10 +86,6 @@ def _resolve_backend(backend: str, dtype: torch.dtype, device: torch.device) -> 
         return backend
     triton_ok = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     return "triton" if triton_ok and dtype in _TRITON_DTYPES else "torch"
-
-
-def _default_scale(scale, head_dim: int) -> float:
-    return head_dim**-0.5 if scale is None else float(scale)
 
 
 # ---- the pure-PyTorch path ------------------------------------------------------------------
@@ -215,7 +212,7 @@ def decode_select_blocks(
 ) -> torch.Tensor:
     """Selected blocks ``int32 [B, HKV, T_new, n]`` of the newest ``T_new`` tokens (unused ``-1``;
     slot order unspecified): the rows ``L - T_new ..`` of :func:`flexnsa.select_blocks`."""
-    _check_step_inputs(q, cache, layer_idx, None, config, scale)
+    _check_step_inputs(q, cache, layer_idx, None, config, scale, need_gates=False)
     scale = _default_scale(scale, q.shape[-1])
     if _resolve_backend(backend, q.dtype, q.device) == "triton":
         from .custom_ops import decode_ops

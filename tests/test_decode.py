@@ -308,6 +308,7 @@ def test_invalid_arguments_raise_value_error():
         ("q", lambda: nsa_decode_step(q.float(), cache, 0, g)),
         ("heads", lambda: nsa_decode_step(q[:, :3], cache, 0, g[:, :3])),
         ("gates", lambda: nsa_decode_step(q, cache, 0, g[..., :2])),
+        ("gates", lambda: nsa_decode_step(q, cache, 0, None)),
         ("config", lambda: nsa_decode_step(q, cache, 0, g, flexnsa.NSAConfig())),
         ("backend", lambda: nsa_decode_step(q, cache, 0, g, backend="cuda")),
         ("backend", lambda: nsa_decode_step(q, cache, 0, g, backend="triton")),  # float64
