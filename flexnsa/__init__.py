@@ -7,11 +7,15 @@ Public API:
     compressed_attention      branch 1 on FlexAttention (optionally with its log-sum-exp)
     sliding_window_attention  branch 3 on FlexAttention
     reference                 the pure-PyTorch definition every backend is tested against
+    NSACache, nsa_prefill, nsa_decode, nsa_decode_step, decode_select_blocks
+                              decoding with a preallocated cache
     masks, custom_ops         FlexAttention patterns; the Triton ops of the selection branch
 """
 
 from . import reference
+from .cache import NSACache
 from .config import NSAConfig
+from .decode import decode_select_blocks, nsa_decode, nsa_decode_step, nsa_prefill
 from .flex_branches import compressed_attention, sliding_window_attention
 from .functional import nsa_attention, select_blocks
 
@@ -22,5 +26,10 @@ __all__ = [
     "compressed_attention",
     "sliding_window_attention",
     "reference",
+    "NSACache",
+    "nsa_prefill",
+    "nsa_decode",
+    "nsa_decode_step",
+    "decode_select_blocks",
 ]
 __version__ = "0.1.0"
