@@ -119,13 +119,21 @@ class Compressor(nn.Module):
             raise ValueError(f"x must have head dim {self.head_dim} (last dim), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
-        blocks = self.blocks(x)  # [B, H, Tc, l, D]
+        return self.compress_blocks(self.blocks(x))  # [B, H, Tc, D]
+
+    def compress_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """``phi`` on blocks already cut out: ``[..., l, D] -> [..., D]`` (e.g. the groups that a decoding
+        cache completes, ``[B, HKV, M, l, D]``)."""
+        if blocks.dim() < 2 or tuple(blocks.shape[-2:]) != (self.block, self.head_dim):
+            raise ValueError(
+                f"blocks must have shape [..., l={self.block}, D={self.head_dim}], got {tuple(blocks.shape)}"
+            )
         if self.kind == "mean":
-            return blocks.mean(dim=-2)  # [B, H, Tc, D]
+            return blocks.mean(dim=-2)  # [..., D]
         if self.kind == "linear":
-            return self.proj(blocks.flatten(-2))  # [B, H, Tc, D]
-        flat = (blocks + self.pos_emb.to(blocks.dtype)).flatten(-2)  # [B, H, Tc, l*D]
-        return self.fc2(self.act(self.fc1(flat)))  # [B, H, Tc, D]
+            return self.proj(blocks.flatten(-2))  # [..., D]
+        flat = (blocks + self.pos_emb.to(blocks.dtype)).flatten(-2)  # [..., l*D]
+        return self.fc2(self.act(self.fc1(flat)))  # [..., D]
 
     def extra_repr(self) -> str:
         text = f"kind={self.kind!r}, head_dim={self.head_dim}, block={self.block}, stride={self.stride}"
