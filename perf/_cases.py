@@ -493,11 +493,13 @@ BASELINES: dict[str, Callable[[Inputs], Case]] = {
 }
 
 
-def baseline_names(device: torch.device) -> list[str]:
-    """The baselines of a run: the PERF.md ones on CUDA, SDPA's default backend on the CPU."""
-    if device.type == "cuda":
-        return ["sdpa-cudnn", "sdpa-flash", "flex-causal", "flex-window", "fla-nsa"]
-    return ["sdpa-cpu", "sdpa-cudnn", "flex-causal", "fla-nsa"]
+def baseline_names(device: torch.device, flex_window: bool = False) -> list[str]:
+    """The baselines of a run: the PERF.md ones on CUDA, SDPA's default backend on the CPU.
+    ``flex_window`` adds FlexAttention's sliding window (the stage ``window`` already times NSA's
+    own window branch; this baseline costs a compile per shape)."""
+    window = ["flex-window"] if flex_window else []
+    names = ["sdpa-cudnn", "sdpa-flash", "flex-causal", *window, "fla-nsa"]
+    return names if device.type == "cuda" else ["sdpa-cpu", "sdpa-cudnn", "flex-causal", "fla-nsa"]
 
 
 def build_baseline(name: str, inp: Inputs) -> Case:

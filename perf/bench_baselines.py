@@ -10,6 +10,6 @@ from conftest import DEVICE, DIRECTIONS
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("name", _cases.baseline_names(DEVICE))
+@pytest.mark.parametrize("name", _cases.baseline_names(DEVICE, flex_window=True))
 def test_baseline(run_case, inputs, name, direction):
     run_case(_cases.BASELINES[name], inputs, direction, f"baseline {name}")

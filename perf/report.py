@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage times")
     parser.add_argument("--no-module", action="store_true", help="skip the NativeSparseAttention module")
+    parser.add_argument("--flex-window", action="store_true",
+                        help="add the FlexAttention sliding-window baseline (one more compile per shape)")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness gate")
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="soft time budget in seconds: pieces not started by then are recorded "
@@ -263,7 +265,8 @@ def passes(device: torch.device, args) -> list[list[tuple[str, str, object, bool
     """Pass 1, the headline: NSA and the baselines at every point; pass 2: stages and module.
     Should the time budget run out, it is the detail that goes missing."""
     headline = [("nsa", "nsa_attention", _cases.build_nsa, True)]
-    headline += [("baseline", name, _cases.BASELINES[name], False) for name in _cases.baseline_names(device)]
+    names = _cases.baseline_names(device, args.flex_window)
+    headline += [("baseline", name, _cases.BASELINES[name], False) for name in names]
     detail = [] if args.no_stages else [("stage", n, b, True) for n, b in _cases.STAGES.items()]
     if not args.no_module:
         detail.append(("module", "NativeSparseAttention", _cases.build_module, True))
@@ -288,7 +291,8 @@ def notes(config, shapes, device) -> list[str]:
         "the fast top-n's indices (synthetic ones, marked, when it is missing).",
         "Baselines: SDPA full causal attention with GQA (`enable_gqa=True`, else K/V expanded, "
         "marked); FlexAttention compiled (`torch.compile(flex_attention, dynamic=False)`) with a "
-        f"causal BlockMask, and with a causal {c.window}-token window (the floor of NSA's window branch).",
+        f"causal BlockMask (with `--flex-window` also a causal {c.window}-token window: the floor "
+        "of NSA's window branch).",
         _cases.FLA_NOTE,
     ]
     for shape in shapes:
