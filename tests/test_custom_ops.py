@@ -1,0 +1,427 @@
+"""The selection branch's torch.library ops (``flexnsa::select_blocks``, ``flexnsa::selected_attention``
+and its backward) and their Triton kernels, against ``flexnsa.reference``.
+
+Three layers:
+
+- The default CPU run checks the ops' pure-PyTorch path (closed-form backward against autograd of
+  the float64 reference), the argument plumbing, ``torch.library.opcheck``,
+  ``torch.compile(fullgraph=True)`` forward and backward, input validation and the reverse index
+  of the dK/dV kernel.
+- ``test_triton_kernels_in_subprocess`` re-runs this file's ``test_interp_*`` tests in a
+  subprocess with ``TRITON_INTERPRET=1`` (Triton reads it when the kernels are defined, and it
+  would slow every other Triton user of this process), so the real kernels (select, forward,
+  both backward paths) run on the CPU on tiny shapes. Directly:
+  ``TRITON_INTERPRET=1 python -m pytest tests/test_custom_ops.py -k interp``.
+- CUDA tests (marked ``gpu``, skipped without CUDA) on small shapes; ``perf/gpu_check_ops.py``
+  covers long sequences.
+
+Comparisons: selections tie-aware (NSA_SPEC.md: the same set, or the blocks on which the sets
+differ have float64 scores equal within rounding); attention flash-attention style (error of the
+fast path against the float64 reference <= 3x the error of the reference run in the same low
+precision, plus a small floor), never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flexnsa
+import flexnsa.custom_ops as custom_ops
+from flexnsa import reference
+from flexnsa.custom_ops import ops
+from flexnsa.custom_ops.selected_bwd import build_reverse_index
+from nsa_inputs import configs
+
+GROUPS = st.sampled_from([1, 2, 3, 4, 8, 16])
+LOW_DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+INTERPRETING = ops.interpret_mode()
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+interp_only = pytest.mark.skipif(
+    not INTERPRETING, reason="needs TRITON_INTERPRET=1 (run by test_triton_kernels_in_subprocess)"
+)
+cpu_path_only = pytest.mark.skipif(INTERPRETING, reason="default CPU path only")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+# ---- problems ----------------------------------------------------------------------------------
+def make_problem(cfg, B, HKV, G, T, Dk, Dv, dtype, seed, device="cpu", ties=None):
+    """Random ``q, k, v, k_cmp`` in ``dtype`` and the compressed branch's lse (float32).
+
+    ``ties``: None; ``"zero_q"`` (all compressed probabilities equal: exact ties between blocks);
+    ``"periodic"`` (``k_cmp`` repeats with the period of one selection block: ties between blocks).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    Tc = cfg.num_cmp_tokens(T)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v, k_cmp = rnd(B, HKV * G, T, Dk), rnd(B, HKV, T, Dk), rnd(B, HKV, T, Dv), rnd(B, HKV, Tc, Dk)
+    if ties == "zero_q":
+        q = torch.zeros_like(q)
+    elif ties == "periodic" and Tc:
+        period = cfg.slc_block // cfg.cmp_stride
+        k_cmp = k_cmp[:, :, torch.arange(Tc) % period]
+    q, k, v, k_cmp = (x.to(device=device, dtype=dtype) for x in (q, k, v, k_cmp))
+    lse = compressed_lse(q, k_cmp, cfg)
+    return q, k, v, k_cmp, lse
+
+
+def compressed_lse(q, k_cmp, cfg, scale=None):
+    """``[B, HQ, T]`` log-sum-exp of the compressed branch (float32; float64 for float64 inputs)."""
+    v_dummy = k_cmp.new_zeros(*k_cmp.shape[:-1], 1)
+    return reference.compressed_attention(q.cpu(), k_cmp.cpu(), v_dummy.cpu(), cfg, scale)[1].to(q.device)
+
+
+def random_indices(B, HKV, T, n, num_blocks, seed, unused=0.3, device="cpu"):
+    """Valid, unusual indices ``int32 [B, HKV, T, n]``: distinct random blocks (also ones after the
+    query, which causality masks), random slot order, ``-1`` anywhere, and one row with none."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.rand(B, HKV, T, num_blocks, generator=gen).argsort(-1)[..., :n]  # [B, HKV, T, min(n, NB)]
+    if idx.shape[-1] < n:
+        idx = torch.cat([idx, idx.new_full((B, HKV, T, n - idx.shape[-1]), -1)], dim=-1)
+    idx = torch.where(torch.rand(B, HKV, T, n, generator=gen) < unused, -1, idx)
+    idx[0, 0, 0] = -1  # a query without any selected token: o = 0, lse = -inf
+    return idx.to(device=device, dtype=torch.int32)
+
+
+# ---- comparisons -------------------------------------------------------------------------------
+def selection_keys(q, k_cmp, cfg, scale=None):
+    """float64 ``[B, HKV, T, NB]``: block scores, forced blocks ``+inf``, ineligible ``-inf``."""
+    scores = reference.block_scores(q.detach().cpu().double(), k_cmp.detach().cpu().double(), cfg, scale)
+    T, NB = scores.shape[2], scores.shape[3]
+    own = torch.arange(T)[:, None] // cfg.slc_block  # [T, 1]
+    j = torch.arange(NB)[None, :]  # [1, NB]
+    eligible = j <= own
+    forced = eligible & ((j < cfg.num_init_blocks) | (j > own - cfg.num_local_blocks))
+    return torch.where(forced, math.inf, torch.where(eligible, scores, -math.inf))
+
+
+def picked_blocks(idx, num_blocks):
+    """bool ``[B, HKV, T, NB]`` of the blocks in each row; asserts values in [-1, NB) and no duplicates."""
+    idx = idx.detach().cpu().long()
+    assert ((idx >= -1) & (idx < num_blocks)).all(), "index out of range"
+    picked = torch.zeros(*idx.shape[:-1], num_blocks + 1, dtype=torch.bool)
+    picked.scatter_(-1, torch.where(idx < 0, num_blocks, idx), True)
+    picked = picked[..., :num_blocks]
+    assert torch.equal(picked.sum(-1), (idx >= 0).sum(-1)), "a block appears twice in one row"
+    return picked
+
+
+def assert_selection_agrees(idx, idx_ref, q, k_cmp, cfg, scale=None, rtol=1e-5, atol=1e-7):
+    """Tie-aware: per row the same number of blocks, and where the sets differ all the blocks on
+    which they differ have float64 keys within ``atol + rtol * |key|`` of each other (so each set
+    is a valid top-n up to rounding). A forced block missing or an ineligible one chosen fails."""
+    keys = selection_keys(q, k_cmp, cfg, scale)
+    NB = keys.shape[-1]
+    a, b = picked_blocks(idx, NB), picked_blocks(idx_ref, NB)
+    assert torch.equal(a.sum(-1), b.sum(-1)), "different numbers of selected blocks"
+    differ = a ^ b
+    rows = differ.any(-1)
+    hi = torch.where(differ, keys, -math.inf).amax(-1)
+    lo = torch.where(differ, keys, math.inf).amin(-1)
+    ok = torch.isfinite(hi) & torch.isfinite(lo) & (hi - lo <= atol + rtol * torch.maximum(hi.abs(), lo.abs()))
+    bad = rows & ~ok
+    assert not bad.any(), f"{int(bad.sum())} rows disagree beyond ties, first at {bad.nonzero()[0].tolist()}"
+
+
+def assert_fa_close(name, fast, low, exact, dtype, factor=3.0):
+    """``|fast - exact| <= factor * |low - exact| + floor(dtype)`` (max norms, the floor relative
+    to the largest ``|exact|``); infinities must match."""
+    fast, low, exact = (x.detach().cpu().double() for x in (fast, low, exact))
+    assert not torch.isnan(fast).any(), f"{name}: NaN"
+    inf = torch.isinf(exact)
+    assert torch.equal(torch.isinf(fast), inf), f"{name}: infinities differ"
+    assert torch.equal(fast[inf], exact[inf]), f"{name}: infinities differ"
+    if inf.all():
+        return
+    fin = ~inf
+    err_fast = (fast[fin] - exact[fin]).abs().max().item()
+    err_low = (low[fin] - exact[fin]).abs().max().item()
+    floor = FLOOR[dtype] * max(1.0, exact[fin].abs().max().item())
+    assert err_fast <= factor * err_low + floor, f"{name}: error {err_fast:.3g} > {factor} x {err_low:.3g} + {floor:.3g}"
+
+
+def reference_run(q, k, v, idx, cfg, grad_out, dtype, upcast):
+    """``(o, lse, dq, dk, dv)`` of ``reference.selected_attention`` with inputs cast to ``dtype``."""
+    q, k, v = (x.detach().cpu().to(dtype).requires_grad_() for x in (q, k, v))
+    o, lse = reference.selected_attention(q, k, v, idx.cpu(), cfg, upcast=upcast)
+    grads = torch.autograd.grad(o, (q, k, v), grad_out.cpu().to(dtype))
+    return (o, lse, *grads)
+
+
+def check_attention(q, k, v, idx, cfg, seed=0):
+    """Runs the op forward and backward and compares all five results flash-attention style."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o, lse = custom_ops.selected_attention(q, k, v, idx, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype)
+    grads = torch.autograd.grad(o, (q, k, v), grad_out)
+    exact = reference_run(q, k, v, idx, cfg, grad_out, torch.float64, True)
+    low = reference_run(q, k, v, idx, cfg, grad_out, q.dtype, False)
+    for name, fast, lo, ex in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), low, exact):
+        assert_fa_close(name, fast, lo, ex, q.dtype)
+    return o, lse, grads
+
+
+# ---- default CPU path ------------------------------------------------------------------------
+@cpu_path_only
+@given(configs(max_block=16), GROUPS, st.integers(1, 2), st.integers(1, 70), st.integers(0, 2**31 - 1))
+def test_select_blocks_cpu_path_matches_reference(cfg, G, HKV, T, seed):
+    """The wrapper passes the config fields and the given lse through in the right order."""
+    q, _, _, k_cmp, lse = make_problem(cfg, 1, HKV, G, T, 8, 4, torch.float64, seed)
+    scale = 0.3
+    lse = compressed_lse(q, k_cmp, cfg, scale)
+    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg, scale=scale)
+    assert idx.dtype == torch.int32 and idx.shape == (1, HKV, T, cfg.num_selected)
+    assert torch.equal(idx, reference.select_blocks(q, k_cmp, cfg, scale, lse=lse))
+
+
+@cpu_path_only
+@given(GROUPS, st.integers(1, 2), st.integers(1, 45), st.sampled_from([(8, 4), (4, 12)]),
+       st.sampled_from([3, 8, 16]), st.integers(1, 4), st.integers(0, 2**31 - 1))  # fmt: skip
+def test_selected_attention_cpu_path_gradients(G, B, T, dims, block, n, seed):
+    """float64 CPU path: forward = reference, closed-form backward = autograd of the reference."""
+    Dk, Dv = dims
+    cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
+    q, k, v, _, _ = make_problem(cfg, B, 1, G, T, Dk, Dv, torch.float64, seed)
+    idx = random_indices(B, 1, T, n, cfg.num_blocks(T), seed)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    o, lse = custom_ops.selected_attention(q, k, v, idx, cfg)
+    grad_out = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), grad_out)
+    o_ref, lse_ref, *grads_ref = reference_run(q, k, v, idx, cfg, grad_out, torch.float64, True)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@cpu_path_only
+def test_selected_attention_cpu_path_float32_close_to_reference():
+    cfg = flexnsa.NSAConfig(8, 4, 8, 3, 1, 1)
+    q, k, v, _, _ = make_problem(cfg, 2, 2, 3, 37, 8, 6, torch.float32, seed=3)
+    check_attention(q, k, v, random_indices(2, 2, 37, 3, cfg.num_blocks(37), seed=3), cfg)
+
+
+def test_lse_is_not_differentiable():
+    cfg = flexnsa.NSAConfig(4, 4, 4, 2, 0, 1)
+    q, k, v, _, _ = make_problem(cfg, 1, 1, 2, 9, 4, 4, torch.float32, seed=0)
+    q.requires_grad_()
+    o, lse = custom_ops.selected_attention(q, k, v, random_indices(1, 1, 9, 2, 3, seed=0), cfg)
+    assert o.requires_grad and not lse.requires_grad
+
+
+@cpu_path_only
+@pytest.mark.slow
+def test_opcheck():
+    cfg = flexnsa.NSAConfig(8, 4, 8, 3, 1, 1)
+    q, k, v, k_cmp, lse = make_problem(cfg, 1, 2, 2, 29, 8, 6, torch.float32, seed=1)
+    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    torch.library.opcheck(torch.ops.flexnsa.select_blocks.default, (q, k_cmp, lse, 8, 4, 8, 3, 1, 1, 0.35))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.flexnsa.selected_attention.default, (q, k, v, idx, 8, 0.35))
+    o, lse_slc = torch.ops.flexnsa.selected_attention(q, k, v, idx, 8, 0.35)
+    args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse_slc, idx, 8, 0.35, True)
+    torch.library.opcheck(torch.ops.flexnsa.selected_attention_backward.default, args)
+
+
+@cpu_path_only
+@pytest.mark.slow
+def test_compile_fullgraph_forward_backward():
+    """Compressed lse -> select_blocks -> selected_attention, compiled with ``fullgraph=True`` (a
+    graph break raises), forward and backward equal to eager."""
+    cfg = flexnsa.NSAConfig(8, 4, 8, 3, 1, 1)
+    q, k, v, k_cmp, _ = make_problem(cfg, 1, 2, 3, 33, 8, 6, torch.float32, seed=2)
+
+    def selection_branch(q, k, v, k_cmp):
+        _, lse = reference.compressed_attention(q, k_cmp, torch.zeros_like(k_cmp[..., :1]), cfg)
+        idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+        out, _ = custom_ops.selected_attention(q, k, v, idx, cfg)
+        return out
+
+    compiled = torch.compile(selection_branch, fullgraph=True)
+    results = []
+    for fn in (compiled, selection_branch):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves, k_cmp)
+        results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def reverse_index_cases(draw):
+    B, HKV, T, n = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.integers(1, 5))
+    block = draw(st.sampled_from([1, 3, 8]))
+    return B, HKV, T, n, block, draw(st.integers(1, 7)), draw(st.integers(0, 2**31 - 1))
+
+
+@given(reverse_index_cases())
+def test_reverse_index_covers_every_slot_once(case):
+    """Work items partition each block's list of queries; the lists hold exactly the valid slots."""
+    B, HKV, T, n, block, chunk, seed = case
+    NB = -(-T // block)
+    idx = random_indices(B, HKV, T, n, NB, seed)
+    rev = build_reverse_index(idx, NB, chunk)
+    seen = {}
+    for w in range(rev["max_items"]):
+        key, start, end = (int(rev[name][w]) for name in ("item_key", "item_start", "item_end"))
+        if key >= rev["num_keys"]:
+            continue
+        assert 0 <= end - start <= chunk and (end > start or int(rev["num_items"][key]) == 1)
+        first = int(rev["first_item"][key])
+        assert first <= w < first + int(rev["num_items"][key])
+        seen.setdefault(key, []).extend(int(t) for t in rev["entry_t"][start:end])
+    expected = {}
+    for b, g, t, s in (idx >= 0).nonzero().tolist():
+        expected.setdefault((b * HKV + g) * NB + int(idx[b, g, t, s]), []).append(t)
+    assert {k: sorted(v) for k, v in seen.items() if v} == {k: sorted(v) for k, v in expected.items()}
+    assert int(rev["num_items"].sum()) <= rev["max_items"]
+
+
+def test_dkv_atomics_only_when_allowed(monkeypatch):
+    monkeypatch.delenv("FLEXNSA_DKV_ATOMIC", raising=False)
+    assert not ops.dkv_atomic_allowed()
+    monkeypatch.setenv("FLEXNSA_DKV_ATOMIC", "1")
+    assert ops.dkv_atomic_allowed()
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not ops.dkv_atomic_allowed()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+# ---- input validation ---------------------------------------------------------------------------
+def _valid_args():
+    cfg = flexnsa.NSAConfig(8, 4, 8, 2, 1, 1)
+    q, k, v, k_cmp, lse = make_problem(cfg, 1, 2, 2, 20, 8, 4, torch.float32, seed=0)
+    idx = torch.zeros(1, 2, 20, 2, dtype=torch.int32)
+    return cfg, q, k, v, k_cmp, lse, idx
+
+
+@pytest.mark.parametrize(
+    "case, name",
+    [
+        (lambda c, q, k, v, kc, lse, i: custom_ops.select_blocks(q, kc, lse[:, :1], c), "lse"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.select_blocks(q, kc, lse.numpy(), c), "lse"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.select_blocks(q, kc[:, :, 1:], lse, c), "k_cmp"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.select_blocks(q[0], kc, lse, c), "q"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.select_blocks(q, kc, lse, c, scale=-1.0), "scale"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.select_blocks(q, kc, lse, "paper"), "config"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention(q, k[:, :, 1:], v, i, c), "k"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention(q, k, v.double(), i, c), "v"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention(q, k[:, :1].expand(1, 3, 20, 8), v, i, c), "k"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention(q, k, v, i.float(), c), "indices"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention(q, k, v, i[..., :1], c), "indices"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention(q, k, v, i + 3, c), "indices"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention(q.int(), k, v, i, c), "q"),
+    ],
+)
+def test_invalid_inputs_name_the_argument(case, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        case(*_valid_args())
+
+
+# ---- Triton kernels under the interpreter (subprocess) ----------------------------------------
+@cpu_path_only
+@pytest.mark.slow
+def test_triton_kernels_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1", HYPOTHESIS_PROFILE=os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+@interp_only
+@given(configs(max_block=16), GROUPS, st.integers(1, 2), st.integers(1, 2), st.integers(1, 90),
+       st.sampled_from([8, 24]), LOW_DTYPES, st.sampled_from([None, None, "zero_q", "periodic"]),
+       st.integers(0, 2**31 - 1))  # fmt: skip
+def test_interp_select_kernel_matches_reference(cfg, G, B, HKV, T, Dk, dtype, ties, seed):
+    q, _, _, k_cmp, lse = make_problem(cfg, B, HKV, G, T, Dk, 4, dtype, seed, ties=ties)
+    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    assert idx.dtype == torch.int32 and idx.shape == (B, HKV, T, cfg.num_selected)
+    assert_selection_agrees(idx, reference.select_blocks(q, k_cmp, cfg, lse=lse), q, k_cmp, cfg)
+
+
+@interp_only
+def test_interp_select_kernel_paper_blocks_many_candidates():
+    """Paper ratios (l = 2d, l' = 4d) with more blocks than one chunk of the kernel holds (15) and
+    than n, so the running top-n merge runs across chunks."""
+    cfg = flexnsa.NSAConfig(cmp_block=4, cmp_stride=2, slc_block=8, num_selected=5, num_init_blocks=1, num_local_blocks=2)
+    for dtype, ties in ((torch.bfloat16, None), (torch.float32, "zero_q")):
+        q, _, _, k_cmp, lse = make_problem(cfg, 1, 1, 16, 301, 16, 4, dtype, seed=5, ties=ties)
+        idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+        assert_selection_agrees(idx, reference.select_blocks(q, k_cmp, cfg, lse=lse), q, k_cmp, cfg)
+
+
+@interp_only
+@settings(max_examples=8)
+@given(GROUPS, st.integers(1, 37).map(lambda t: 2 * t - 1), st.sampled_from([(16, 8), (24, 16), (8, 20)]),
+       st.sampled_from([4, 8, 12]), st.integers(1, 4), LOW_DTYPES, st.booleans(), st.integers(0, 2**31 - 1))  # fmt: skip
+def test_interp_selected_attention_matches_reference(G, T, dims, block, n, dtype, atomic, seed):
+    """Forward (o, lse) and backward (dq, dk, dv), deterministic or atomic dK/dV, odd T, any indices."""
+    Dk, Dv = dims
+    cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
+    q, k, v, _, _ = make_problem(cfg, 1, 1, G, T, Dk, Dv, dtype, seed)
+    idx = random_indices(1, 1, T, n, cfg.num_blocks(T), seed)
+    env = {"FLEXNSA_DKV_ATOMIC": "1"} if atomic else {}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        check_attention(q, k, v, idx, cfg, seed)
+
+
+@interp_only
+def test_interp_pipeline_select_then_attend():
+    """The real pipeline on kernels: lse -> select kernel -> selected attention, B=2, HKV=2, G=3."""
+    cfg = flexnsa.NSAConfig(cmp_block=4, cmp_stride=2, slc_block=4, num_selected=3, num_init_blocks=1, num_local_blocks=1)
+    q, k, v, k_cmp, lse = make_problem(cfg, 2, 2, 3, 27, 16, 8, torch.float32, seed=9)
+    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    assert_selection_agrees(idx, reference.select_blocks(q, k_cmp, cfg, lse=lse), q, k_cmp, cfg)
+    check_attention(q, k, v, idx, cfg)
+
+
+# ---- CUDA --------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("G, dims, dtype", [(1, (64, 64), torch.bfloat16), (4, (128, 128), torch.float16),
+                                            (16, (192, 128), torch.bfloat16), (3, (32, 48), torch.float32)])  # fmt: skip
+@pytest.mark.parametrize("atomic", [False, True])
+def test_gpu_kernels_match_reference(G, dims, dtype, atomic, monkeypatch):
+    if atomic:
+        monkeypatch.setenv("FLEXNSA_DKV_ATOMIC", "1")
+    cfg = flexnsa.NSAConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=6)
+    q, k, v, k_cmp, lse = make_problem(cfg, 1, 2, G, 333, *dims, dtype, seed=G, device="cuda")
+    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    assert_selection_agrees(idx, reference.select_blocks(q.cpu(), k_cmp.cpu(), cfg, lse=lse.cpu()), q, k_cmp, cfg)
+    check_attention(q, k, v, idx, cfg)
+    check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=1, device="cuda"), cfg)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_compile_fullgraph():
+    cfg = flexnsa.NSAConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=4)
+    q, k, v, k_cmp, _ = make_problem(cfg, 1, 2, 4, 200, 64, 64, torch.bfloat16, seed=0, device="cuda")
+
+    def selection_branch(q, k, v, k_cmp):
+        _, lse = reference.compressed_attention(q, k_cmp, torch.zeros_like(k_cmp[..., :1]), cfg)
+        out, _ = custom_ops.selected_attention(q, k, v, custom_ops.select_blocks(q, k_cmp, lse, cfg), cfg)
+        return out
+
+    results = []
+    for fn in (torch.compile(selection_branch, fullgraph=True), selection_branch):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves, k_cmp)
+        results.append((out, *torch.autograd.grad(out.float().square().sum(), leaves)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
