@@ -40,7 +40,8 @@ class NativeSparseAttention(nn.Module):
     4. ``k_slc``, ``k_win`` get RoPE at their token positions; values never do.
     5. Gates ``g = sigmoid(x Wg + bg)``: ``[B, HQ, T, 3]`` in the order (cmp, slc, win), one per head and token.
     6. ``o = flexnsa.nsa_attention(q, k_slc, v_slc, k_cmp, v_cmp, g, config, k_win=k_win, v_win=v_win)``
-       then ``y = o Wo`` (``[B, T, dim]``).
+       then ``y = o Wo`` (``[B, T, dim]``). Under autocast the projections run in the autocast dtype and
+       ``nsa_attention`` is called with autocast off, so that its softmax statistics stay in float32.
 
     Position of compressed keys (the paper leaves it open): ``phi_k`` reads the keys *before* RoPE and the
     compressed key ``i`` is then rotated at ``i*d + l - 1``, the position of the last raw token it
@@ -241,9 +242,12 @@ class NativeSparseAttention(nn.Module):
         if x.shape[1] < 1:
             raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
         inputs = self.branch_inputs(x)
-        o = functional.nsa_attention(
-            **inputs, config=self.config, scale=self.scale, backend=self.backend
-        )  # [B, HQ, T, Dv]
+        # Autocast would run the attention's matrix products (and so its softmax statistics) in the low
+        # dtype; with it off, the inputs keep autocast's dtype and the statistics stay in float32.
+        with torch.autocast(x.device.type, enabled=False):
+            o = functional.nsa_attention(
+                **inputs, config=self.config, scale=self.scale, backend=self.backend
+            )  # [B, HQ, T, Dv]
         return self.o_proj(o.transpose(1, 2).flatten(2))  # [B, T, dim]
 
     def extra_repr(self) -> str:

@@ -173,3 +173,15 @@ def test_compiles_without_graph_breaks():
         out = compiled(x)
         torch.testing.assert_close(out, phi(x))
         out.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear", "mean"])
+def test_compress_blocks_on_blocks_cut_out(kind):
+    """``compress_blocks`` (used for the groups a decoding cache completes) equals ``forward``."""
+    cfg = _config(8, 4)
+    phi = Compressor(6, cfg, kind).double()
+    x = torch.randn(2, 3, 30, 6, dtype=torch.float64)
+    groups = torch.stack([x[:, :, 4 * i : 4 * i + 8] for i in (0, 2, 5)], dim=2)  # [2, 3, 3, 8, 6]
+    torch.testing.assert_close(phi.compress_blocks(groups), phi(x)[:, :, [0, 2, 5]])
+    with pytest.raises(ValueError, match="blocks"):
+        phi.compress_blocks(torch.randn(2, 3, 3, 7, 6, dtype=torch.float64))

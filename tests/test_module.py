@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -113,6 +114,19 @@ def test_every_parameter_gets_a_finite_gradient(kv_sharing):
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
     assert torch.isfinite(x.grad).all()
+
+
+def test_autocast_keeps_attention_statistics_in_float32():
+    """Under bfloat16 autocast only the projections run in bfloat16: the attention is called with autocast
+    off (inside it, autocast would run the score products and softmax in bfloat16, about 20x the error)."""
+    torch.manual_seed(7)
+    m = NativeSparseAttention(64, 4, 2, config=SMALL)
+    x = torch.randn(2, 100, 64)
+    exact = copy.deepcopy(m).double()(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = m(x)
+    assert low.dtype == torch.bfloat16
+    assert (low.double() - exact).abs().max() < 0.05
 
 
 def test_compress_serves_a_decoding_cache():
