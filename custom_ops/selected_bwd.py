@@ -312,12 +312,12 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
     device = indices.device
     num_keys = B * HKV * num_blocks
     total = B * HKV * T * n
-    flat = indices.reshape(-1).to(torch.int64)  # [L]
-    group = torch.arange(total, device=device) // (T * n)  # [L] b * HKV + g of each slot
-    keys = torch.where(flat >= 0, group * num_blocks + flat, num_keys)  # invalid slots sort last
+    flat = indices.reshape(B * HKV, T * n).to(torch.int32)  # [B * HKV, T * n]
+    group = torch.arange(B * HKV, device=device, dtype=torch.int32)[:, None]  # b * HKV + g
+    keys = torch.where(flat >= 0, group * num_blocks + flat, num_keys).reshape(-1)  # [L], invalid slots last
     sorted_keys, order = torch.sort(keys, stable=True)  # [L]
     entry_t = ((order // n) % T).to(torch.int32)  # [L]
-    bounds = torch.arange(num_keys + 1, device=device)
+    bounds = torch.arange(num_keys + 1, device=device, dtype=sorted_keys.dtype)
     offsets = torch.searchsorted(sorted_keys, bounds)  # [NUM_KEYS + 1]
     counts = offsets[1:] - offsets[:-1]  # [NUM_KEYS]
     num_items = torch.clamp((counts + chunk - 1) // chunk, min=1)  # [NUM_KEYS]

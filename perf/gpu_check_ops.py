@@ -447,7 +447,9 @@ def time_paper(T, Dk, Dv, seed=0):
             grad_out, q, k, v, o, lse, idx, bs, scale, deterministic)
         ms = bench(fn)
         name = "selected bwd " + ("deterministic" if deterministic else "atomic")
-        add(name, ms, bwd_flops, unique_bwd, 2 * kv_gather + unique_bwd, note="7 products (dq 3, dk/dv 4)")
+        # gathered: dq kernel loads K/V blocks per slot; dK/dV kernel loads q/do rows of G heads per slot
+        gathered = kv_gather + slots * (HQ // HKV) * (Dk + Dv) * esz + unique_bwd
+        add(name, ms, bwd_flops, unique_bwd, gathered, note="7 products (dq 3, dk/dv 4)")
         breakdown[name] = kernel_breakdown(fn)
         log(f"    kernels: {breakdown[name]}")
     return rows, breakdown, (q, k, v, k_cmp, lse_cmp, idx, o, lse, grad_out, scale)
