@@ -4,7 +4,13 @@ Both validate their inputs (``ValueError`` naming the argument) and dispatch to 
 
 - ``"reference"``: the pure-PyTorch definition in :mod:`flexnsa.reference` (any device, any float
   dtype, differentiable; O(T^2) memory per head).
-- ``"auto"``: the fastest backend available for the inputs' device.
+- ``"flex"``: the compressed and window branches on FlexAttention (:mod:`flexnsa.flex_branches`),
+  the top-n selection and the selected attention as ``flexnsa::`` Triton ops
+  (:mod:`flexnsa.custom_ops`). On CUDA everything runs compiled, forward and backward. On the CPU
+  each piece takes its own CPU path (the compressed branch the reference, since compiled CPU
+  FlexAttention returns no log-sum-exp; the ops their pure-PyTorch bodies).
+- ``"auto"``: ``"flex"`` for float16/bfloat16/float32 CUDA tensors, else ``"reference"`` (on the CPU
+  the reference is the training path, and faster than the pieces above at the lengths a CPU runs).
 """
 
 from __future__ import annotations
@@ -17,15 +23,27 @@ from .config import NSAConfig
 
 __all__ = ["nsa_attention", "select_blocks", "BACKENDS"]
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "flex")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "reference"
+        return "flex" if q.device.type == "cuda" and q.dtype != torch.float64 else "reference"
     return backend
+
+
+def _nsa_flex(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_indices):
+    from . import custom_ops
+    from .flex_branches import compressed_attention, sliding_window_attention
+
+    o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, config, scale, return_lse=True)  # [B, HQ, T, Dv], [B, HQ, T]
+    if block_indices is None:
+        block_indices = custom_ops.select_blocks(q, k_cmp, lse_cmp.detach(), config, scale)  # [B, HKV, T, n]
+    o_slc, _ = custom_ops.selected_attention(q, k, v, block_indices, config, scale)  # [B, HQ, T, Dv]
+    o_win = sliding_window_attention(q, k if k_win is None else k_win, v if v_win is None else v_win, config.window, scale)
+    return reference.combine_branches(o_cmp, o_slc, o_win, gates)
 
 
 def nsa_attention(
@@ -57,7 +75,7 @@ def nsa_attention(
         scale: softmax scale, ``1 / sqrt(Dk)`` when None; shared by the three branches.
         block_indices: optional ``int [B, HKV, T, n]`` selection overriding the top-n (``-1`` marks
             an unused slot); by default blocks are chosen from the compressed branch's scores.
-        backend: ``"auto"`` or ``"reference"``.
+        backend: ``"auto"``, ``"reference"`` or ``"flex"`` (module docstring).
 
     Returns:
         ``[B, HQ, T, Dv]`` in ``q.dtype``.
@@ -67,7 +85,8 @@ def nsa_attention(
     dims = check_nsa_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win)
     if block_indices is not None:
         check_block_indices(block_indices, dims, config)
-    _resolve_backend(backend, q.device)
+    if _resolve_backend(backend, q) == "flex":
+        return _nsa_flex(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_indices)
     return reference.nsa_attention(
         q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_indices=block_indices
     )
@@ -92,5 +111,11 @@ def select_blocks(
     config = check_config(config)
     check_scale(scale)
     check_qk(q, k_cmp, config)
-    _resolve_backend(backend, q.device)
+    if _resolve_backend(backend, q) == "flex":
+        from . import custom_ops
+        from .flex_branches import compressed_attention
+
+        # only the log-sum-exp is needed; k_cmp stands in for the values
+        _, lse = compressed_attention(q.detach(), k_cmp.detach(), k_cmp.detach(), config, scale, return_lse=True)
+        return custom_ops.select_blocks(q, k_cmp, lse, config, scale)
     return reference.select_blocks(q, k_cmp, config, scale)
