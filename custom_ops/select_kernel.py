@@ -229,6 +229,8 @@ def select_topn_launch(
     HKV, Tc = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // HKV
     plan = _kernel_plan(G, Dk, cmp_block, cmp_stride, slc_block)
+    if Tc == 0:  # no compressed token yet (T < l): a 1-token stand-in keeps the pointer valid, all masked
+        k_cmp = k_cmp.new_zeros(B, HKV, 1, Dk)
     indices = torch.empty(B, HKV, T, num_selected, dtype=torch.int32, device=q.device)  # [B, HKV, T, n]
     grid = (triton.cdiv(T, plan["BLOCK_T"]), B * HKV)
     launch(_select_topn_kernel)[grid](
