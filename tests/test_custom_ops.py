@@ -391,6 +391,24 @@ def test_interp_pipeline_select_then_attend():
     check_attention(q, k, v, idx, cfg)
 
 
+@interp_only
+@pytest.mark.parametrize("atomic", [False, True])
+def test_interp_dkv_work_items_split_long_lists(atomic, monkeypatch):
+    """Work items of 3 queries: blocks chosen by many queries (block 0, the local ones) are split
+    into several items whose partials are reduced (or added atomically); smaller select tiles."""
+    from flexnsa.custom_ops import kernel_utils
+
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 3})
+    monkeypatch.setitem(kernel_utils.TUNING, "select", {"BLOCK_T": 16, "BLOCK_C": 128})
+    if atomic:
+        monkeypatch.setenv("FLEXNSA_DKV_ATOMIC", "1")
+    cfg = flexnsa.NSAConfig(cmp_block=4, cmp_stride=2, slc_block=8, num_selected=3, num_init_blocks=1, num_local_blocks=1)
+    q, k, v, k_cmp, lse = make_problem(cfg, 1, 1, 4, 45, 16, 8, torch.bfloat16, seed=4)
+    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    assert_selection_agrees(idx, reference.select_blocks(q, k_cmp, cfg, lse=lse), q, k_cmp, cfg)
+    check_attention(q, k, v, idx, cfg)
+
+
 # ---- CUDA --------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @needs_cuda
