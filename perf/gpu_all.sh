@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install flexnsa, then run the named GPU stages, each with its own time limit.
-# Usage (on the GPU machine, repo root):  bash perf/gpu_all.sh tests flex ops decode train report
+# Usage (on the GPU machine, repo root):  bash perf/gpu_all.sh tests flex:200 ops decode train report
+# (a stage's time limit in seconds after the colon; extra arguments through ARGS_<stage>, e.g.
+#  ARGS_ops="--no-sweep").
 # Everything lands in $OUT/<stage>/ and is packed into $OUT/results.tar.gz (the device returns at
 # most 8 files); a summary of exit codes is printed last.
 set -u
@@ -27,7 +29,8 @@ for stage in "$@"; do
   name=${stage%%:*}; limit=${stage#*:}; [ "$limit" = "$stage" ] && limit=${LIMIT[$name]}
   mkdir -p "$OUT/$name"
   start=$(date +%s)
-  OUT="$OUT/$name" timeout -k 10 "$limit" ${CMD[$name]} > "$OUT/$name/log.txt" 2>&1
+  extra_var="ARGS_$name"
+  OUT="$OUT/$name" timeout -k 10 "$limit" ${CMD[$name]} ${!extra_var:-} > "$OUT/$name/log.txt" 2>&1
   rc=$?
   took=$(( $(date +%s) - start ))
   echo "=== $name rc=$rc ${took}s (limit ${limit}s); last lines:"; tail -n 25 "$OUT/$name/log.txt"
