@@ -134,6 +134,7 @@ class NSACache:
         self.max_cmp = config.num_cmp_tokens(max_len)
         self.layers = [self._allocate_layer() for _ in range(num_layers)]
         self.lengths = torch.zeros(num_layers, dtype=torch.int64, device=self.device)  # [layers]
+        self.device = self.lengths.device  # normalised: "cuda" -> cuda:<current index>
 
     def _allocate_layer(self) -> LayerCache:
         B, H, S, C = self.batch_size, self.num_kv_heads, self.max_len, self.max_cmp

@@ -102,8 +102,9 @@ def call_flex(
     else:
         fn = _COMPILED_FLEX
     gqa = q.shape[1] != k.shape[1]
+    options = kernel_options_for(q, v)
     if not want_lse:
-        return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa), None
+        return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, kernel_options=options), None
     if HAS_AUX_REQUEST:
         out, aux = fn(
             q,
@@ -112,11 +113,29 @@ def call_flex(
             block_mask=block_mask,
             scale=scale,
             enable_gqa=gqa,
+            kernel_options=options,
             return_aux=_flex_module.AuxRequest(lse=True),
         )
         return out, aux.lse
-    out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
+    out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, kernel_options=options, return_lse=True)
     return out, lse
+
+
+# float32 tiles of head dims above 128 overflow the H200's 227 KB of shared memory with inductor's
+# default FlexAttention configs (seen on the H200, torch 2.11: 278,784 bytes required for
+# Dk=192/Dv=128): smaller tiles, one pipeline stage.
+_SMALL_TILES = {
+    "BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1,
+    "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32,
+}
+
+
+def kernel_options_for(q: torch.Tensor, v: torch.Tensor):
+    """FlexAttention ``kernel_options`` for these inputs: None (inductor's defaults) except for
+    float32 on CUDA with a head dim above 128, where the default tiles do not fit."""
+    if q.device.type == "cuda" and q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 128:
+        return dict(_SMALL_TILES)
+    return None
 
 
 # ---- block-mask cache ------------------------------------------------------------------------

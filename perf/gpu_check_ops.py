@@ -360,7 +360,7 @@ def sync():
 
 def empty_cache():
     if DEVICE == "cuda":
-        empty_cache()
+        torch.cuda.empty_cache()
 
 
 def bench(fn) -> float:
