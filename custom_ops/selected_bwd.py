@@ -53,7 +53,7 @@ def _dq_kernel(
     delta_ptr,  # [B, HQ, T] float32 (output)
     T,
     HKV,
-    scale,
+    scale: tl.constexpr,  # constexpr: inductor would pass a python float as an fp64 scalar
     stride_qb,
     stride_qh,
     stride_qt,
@@ -149,7 +149,7 @@ def _dkv_kernel(
     HKV,
     NB,
     NUM_KEYS,
-    scale,
+    scale: tl.constexpr,  # constexpr: inductor would pass a python float as an fp64 scalar
     stride_qb,
     stride_qh,
     stride_qt,

@@ -36,7 +36,9 @@ def _selected_fwd_kernel(
     lse_ptr,  # [B, HQ, T] float32 (output)
     T,
     HKV,
-    scale_log2,  # scale * log2(e)
+    # scale * log2(e); constexpr because inductor passes python floats as fp64 scalars (seen on the
+    # H200, torch 2.11), which would make the fp32 math fp64; one compile per distinct scale
+    scale_log2: tl.constexpr,
     stride_qb,
     stride_qh,
     stride_qt,

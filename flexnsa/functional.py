@@ -34,17 +34,6 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
-# Eager, the gated sum makes float32 copies of three [B, HQ, T, Dv] outputs (about 10 GB of traffic at
-# 64k on the paper shape, forward and again backward); compiled, it is one fused pass each way.
-_COMBINE_COMPILED = torch.compile(reference.combine_branches)
-
-
-def _combine(o_cmp, o_slc, o_win, gates):
-    if o_cmp.device.type == "cuda" and not torch.compiler.is_compiling():
-        return _COMBINE_COMPILED(o_cmp, o_slc, o_win, gates)
-    return _combine(o_cmp, o_slc, o_win, gates)
-
-
 def _nsa_flex(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_indices):
     from . import custom_ops
     from .flex_branches import compressed_attention, sliding_window_attention
@@ -54,7 +43,7 @@ def _nsa_flex(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_i
         block_indices = custom_ops.select_blocks(q, k_cmp, lse_cmp.detach(), config, scale)  # [B, HKV, T, n]
     o_slc, _ = custom_ops.selected_attention(q, k, v, block_indices, config, scale)  # [B, HQ, T, Dv]
     o_win = sliding_window_attention(q, k if k_win is None else k_win, v if v_win is None else v_win, config.window, scale)
-    return _combine(o_cmp, o_slc, o_win, gates)
+    return reference.combine_branches(o_cmp, o_slc, o_win, gates)
 
 
 def nsa_attention(
