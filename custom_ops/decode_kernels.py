@@ -207,16 +207,36 @@ def _attend_tile(q, k_base, v_base, sk_t, sv_t, s_pos, valid, m_i, l_i, acc, sca
     dv = tl.arange(0, DV_PAD)
     k = tl.load(k_base + s_pos[:, None] * sk_t + dk[None, :],
                 mask=valid[:, None] & (dk[None, :] < DK), other=0.0)  # [BS, DK_PAD]
+    v = tl.load(v_base + s_pos[:, None] * sv_t + dv[None, :],
+                mask=valid[:, None] & (dv[None, :] < DV), other=0.0)  # [BS, DV_PAD], issued with K
     s = _dot(q, tl.trans(k), QK_PRECISION, DOT_FP32) * scale  # [G_PAD, BS]
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked tile changes nothing
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
-    v = tl.load(v_base + s_pos[:, None] * sv_t + dv[None, :],
-                mask=valid[:, None] & (dv[None, :] < DV), other=0.0)  # [BS, DV_PAD]
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, QK_PRECISION, DOT_FP32)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _merge_candidates(cand_base, N_SEL: tl.constexpr, NCHUNK: tl.constexpr, NCAND_PAD: tl.constexpr,
+                      N_SEL_PAD: tl.constexpr):
+    """Top-n of the chunks' candidate lists (packed keys, ``NCHUNK * N_SEL`` of them): the block of
+    each rank ``0 .. N_SEL_PAD-1`` (``-1`` for ranks past the eligible blocks). A key's rank is the
+    number of larger keys, counted against one chunk list at a time (no serial max-reductions).
+    Eligible keys are distinct (distinct blocks), so their ranks are exact; equal (ineligible) keys
+    share a rank and all decode to -1."""
+    cc = tl.arange(0, NCAND_PAD)
+    key = tl.load(cand_base + cc, mask=cc < NCHUNK * N_SEL, other=-1)  # [NCAND_PAD]
+    kk = tl.arange(0, N_SEL_PAD)
+    rank = tl.zeros([NCAND_PAD], tl.int32)
+    for ch in range(NCHUNK):
+        other = tl.load(cand_base + ch * N_SEL + kk, mask=kk < N_SEL, other=-1)  # [N_SEL_PAD]
+        rank += tl.sum((other[None, :] > key[:, None]).to(tl.int32), 1)
+    blk = _block_of_key(key)  # [NCAND_PAD]
+    hit = (rank[:, None] == kk[None, :]) & (cc < NCHUNK * N_SEL)[:, None] & (kk < N_SEL)[None, :]
+    return tl.max(tl.where(hit, blk[:, None], -1), 0)  # [N_SEL_PAD]
 
 
 @triton.jit
@@ -230,7 +250,7 @@ def _slc_win_partial_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     SLC: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, SPP: tl.constexpr,
-    NCHUNK: tl.constexpr, NCAND_PAD: tl.constexpr, NP_SEL: tl.constexpr,
+    NCHUNK: tl.constexpr, NCAND_PAD: tl.constexpr, N_SEL_PAD: tl.constexpr, NP_SEL: tl.constexpr,
     WINDOW: tl.constexpr, NW_TILES: tl.constexpr, NPROG: tl.constexpr,
     QK_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
@@ -244,34 +264,33 @@ def _slc_win_partial_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
-    if prog < NP_SEL:  # the blocks of rank prog*SPP .. prog*SPP + SPP - 1 in the top-n
-        k_base = k_ptr + b * sk_b + g * sk_h
-        v_base = v_ptr + b * sv_b + g * sv_h
-        cc = tl.arange(0, NCAND_PAD)
-        key = tl.load(cand_ptr + (row * HKV + g) * NCHUNK * N_SEL + cc, mask=cc < NCHUNK * N_SEL, other=-1)
-        idx_base = idx_ptr + ((b * HKV + g) * T_NEW + r) * N_SEL
-        n_rank = tl.where(prog == 0, N_SEL, tl.minimum((prog + 1) * SPP, N_SEL))  # program 0 writes all
-        for kk in range(n_rank):
-            best = tl.max(key, 0)
-            key = tl.where(key == best, -1, key)
-            blk = _block_of_key(best)
-            if prog == 0:
-                tl.store(idx_base + kk, blk)
-            if kk >= prog * SPP:
-                if kk < prog * SPP + SPP:
-                    s_pos = blk * SLC + lane
-                    valid = (lane < SLC) & (s_pos >= 0) & (s_pos <= pos)  # blk = -1 gives s_pos < 0
-                    m_i, l_i, acc = _attend_tile(q, k_base, v_base, sk_t, sv_t, s_pos, valid, m_i, l_i,
-                                                 acc, scale, DK, DV, DK_PAD, DV_PAD, QK_PRECISION, DOT_FP32)
-    else:  # window tiles: offsets [tile*BS, tile*BS + BS) of the window (pos - WINDOW, pos]
-        k_base = kw_ptr + b * skw_b + g * skw_h
-        v_base = vw_ptr + b * svw_b + g * svw_h
-        for kk in range(SPP):
-            offset = ((prog - NP_SEL) * SPP + kk) * BS + lane
-            s_pos = pos - WINDOW + 1 + offset
-            valid = (offset < WINDOW) & (s_pos >= 0)
-            m_i, l_i, acc = _attend_tile(q, k_base, v_base, skw_t, svw_t, s_pos, valid, m_i, l_i, acc,
-                                         scale, DK, DV, DK_PAD, DV_PAD, QK_PRECISION, DOT_FP32)
+    # one loop for both kinds of program (one set of pipeline buffers in shared memory):
+    # selection programs attend to the blocks of rank prog*SPP .. prog*SPP + SPP - 1 of the top-n,
+    # window programs to offsets [tile*BS, tile*BS + BS) of the window (pos - WINDOW, pos]
+    is_sel = prog < NP_SEL
+    rank = tl.arange(0, N_SEL_PAD)
+    ranked = tl.full([N_SEL_PAD], -1, tl.int32)
+    if is_sel:
+        ranked = _merge_candidates(cand_ptr + (row * HKV + g) * NCHUNK * N_SEL, N_SEL, NCHUNK, NCAND_PAD,
+                                   N_SEL_PAD)  # [N_SEL_PAD] block of each rank, -1 past the eligible ones
+        if prog == 0:
+            idx_base = idx_ptr + ((b * HKV + g) * T_NEW + r) * N_SEL
+            tl.store(idx_base + rank, ranked, mask=rank < N_SEL)
+    k_base = tl.where(is_sel, k_ptr + b * sk_b + g * sk_h, kw_ptr + b * skw_b + g * skw_h)
+    v_base = tl.where(is_sel, v_ptr + b * sv_b + g * sv_h, vw_ptr + b * svw_b + g * svw_h)
+    k_t = tl.where(is_sel, sk_t, skw_t)
+    v_t = tl.where(is_sel, sv_t, svw_t)
+    for kk in range(SPP):  # static trip count: the K/V loads are software-pipelined
+        blk = tl.max(tl.where(rank == prog * SPP + kk, ranked, -1), 0)
+        sel_pos = blk * SLC + lane
+        sel_valid = (lane < SLC) & (sel_pos >= 0) & (sel_pos <= pos)  # blk = -1 gives sel_pos < 0
+        offset = ((prog - NP_SEL) * SPP + kk) * BS + lane
+        win_pos = pos - WINDOW + 1 + offset
+        win_valid = (offset < WINDOW) & (win_pos >= 0)
+        s_pos = tl.where(is_sel, sel_pos, win_pos)
+        valid = tl.where(is_sel, sel_valid, win_valid)
+        m_i, l_i, acc = _attend_tile(q, k_base, v_base, k_t, v_t, s_pos, valid, m_i, l_i, acc, scale,
+                                     DK, DV, DK_PAD, DV_PAD, QK_PRECISION, DOT_FP32)
     stat_row = row * HQ + g * G + hh
     dv = tl.arange(0, DV_PAD)
     head_ok = hh < G

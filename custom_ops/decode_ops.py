@@ -32,21 +32,31 @@ class DecodeTuning:
     cmp_tile_tokens: target compressed tokens per tile of the compressed kernel (rounded to whole
         selection blocks: a tile holds ``BJ = max(1, cmp_tile_tokens // (l'/d))`` blocks).
     cmp_splits: programs per (query row, KV head) over the compressed tokens; 0 = heuristic
-        (enough programs for ``programs_per_sm`` per SM).
+        (``floor(SMs * cmp_programs_per_sm / (rows * HKV))``: one full wave, no partial last wave).
     slc_tiles_per_program: selected blocks / window tiles per program of the selected+window
-        kernel; 0 = heuristic.
+        kernel; 0 = heuristic (at most 4, while the programs still give ``programs_per_sm`` per SM).
     select_chunk_blocks: selection blocks scored per program of the selection kernel (each
         program contributes its n best to the final top-n).
-    programs_per_sm: target of the heuristics.
+    programs_per_sm: target of the selected+window heuristic.
     num_warps: of the two split-K kernels.
+    cmp_programs_per_sm: target of the compressed split heuristic: the CTAs of the compressed
+        kernel resident per SM (sm_90, bf16, D=128, 64-token tiles: 99 registers and 84 KB of
+        shared memory with ``cmp_num_stages=3``, so 2 per SM; 51 KB with 2 stages, 4 per SM).
+    cmp_num_stages: software-pipelining depth of the compressed kernel's K/V loads.
+
+    v1 defaults (measured 0.127 ms at 64k on the H200) were programs_per_sm=8 for both kernels
+    (ceil-rounded: 17 compressed splits, 1088 programs = 4.1 waves of 264 resident CTAs) and one
+    tile per selected/window program.
     """
 
     cmp_tile_tokens: int = 64
     cmp_splits: int = 0
     slc_tiles_per_program: int = 0
     select_chunk_blocks: int = 128
-    programs_per_sm: int = 8
+    programs_per_sm: int = 2
     num_warps: int = 4
+    cmp_programs_per_sm: int = 2
+    cmp_num_stages: int = 3
 
 
 DEFAULT_TUNING = DecodeTuning()
@@ -98,14 +108,15 @@ def _plan(cfg, max_len: int, rows: int, HQ: int, HKV: int, Dk: int, Dv: int, dev
     TT = BJ * C
     NTILES = -(-cfg.num_blocks(max_len) // BJ)  # tiles cover Tc(max_len) <= NB * C tokens
     TB = min(_pow2(NTILES), max(1, tuning.select_chunk_blocks // BJ))
-    target = _num_sms(device) * tuning.programs_per_sm
     groups = rows * HKV
-    splits = tuning.cmp_splits or max(1, min(NTILES, -(-target // groups)))
+    cmp_target = _num_sms(device) * tuning.cmp_programs_per_sm  # resident CTAs: one wave
+    splits = tuning.cmp_splits or max(1, min(NTILES, cmp_target // groups))
     TPS = -(-NTILES // splits)
     NSPLIT = -(-NTILES // TPS)
     BS = _pow2(bs, 16)
     NW_TILES = -(-cfg.window // BS)
     tiles = cfg.num_selected + NW_TILES
+    target = _num_sms(device) * tuning.programs_per_sm
     SPP = tuning.slc_tiles_per_program or max(1, min(4, (tiles * groups) // target))
     return _Plan(
         G=G, G_PAD=_pow2(G, 16), DK_PAD=_pow2(Dk, 16), DV_PAD=_pow2(Dv, 16), C=C, R=R, BJ=BJ,
@@ -145,7 +156,7 @@ def launch_decode(q, k, v, k_win, v_win, k_cmp, v_cmp, length, gates, cfg, max_l
         CMP_L=cfg.cmp_block, CMP_D=cfg.cmp_stride, C=p.C, R=p.R,
         BJ=p.BJ, BJS=BJS, BJS_PAD=_pow2(BJS, 16), TT=p.TT, BN=p.BN,
         TPS=p.TPS, NSPLIT=p.NSPLIT, NTILES=p.NTILES, QK_PRECISION=precision, DOT_FP32=dot_fp32,
-        num_warps=tuning.num_warps,
+        num_warps=tuning.num_warps, num_stages=tuning.cmp_num_stages,
     )
     candidates = torch.empty(rows, HKV, p.NCHUNK, cfg.num_selected, device=q.device, dtype=torch.int64)
     K._select_kernel[(rows, HKV, p.NCHUNK)](
@@ -168,7 +179,7 @@ def launch_decode(q, k, v, k_win, v_win, k_cmp, v_cmp, length, gates, cfg, max_l
         candidates, indices, length, sw_o, sw_m, sw_l, scale, T_new, HQ, HKV,
         G=p.G, G_PAD=p.G_PAD, DK=Dk, DV=Dv, DK_PAD=p.DK_PAD, DV_PAD=p.DV_PAD,
         SLC=cfg.slc_block, BS=p.BS, N_SEL=cfg.num_selected, SPP=p.SPP, NCHUNK=p.NCHUNK,
-        NCAND_PAD=_pow2(p.NCHUNK * cfg.num_selected), NP_SEL=p.NP_SEL,
+        NCAND_PAD=_pow2(p.NCHUNK * cfg.num_selected), N_SEL_PAD=_pow2(cfg.num_selected), NP_SEL=p.NP_SEL,
         WINDOW=cfg.window, NW_TILES=p.NW_TILES, NPROG=nprog, QK_PRECISION=precision, DOT_FP32=dot_fp32,
         num_warps=tuning.num_warps,
     )

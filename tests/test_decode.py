@@ -373,10 +373,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     T = decode_ops.DecodeTuning
     # several compressed splits and selection chunks, GQA G=3, Dk != Dv, multi-token steps
     run(flexnsa.NSAConfig(8, 4, 8, 3, 1, 1, 6), 2, 2, 3, 41, 5, 7, 27, [1, 6, 2],
-        T(cmp_tile_tokens=4, select_chunk_blocks=2, slc_tiles_per_program=1, programs_per_sm=2))
-    # spill of two blocks (l = 3 l'), G=16, shared window K/V, window off
+        T(cmp_tile_tokens=4, select_chunk_blocks=2, slc_tiles_per_program=1, programs_per_sm=2,
+      cmp_programs_per_sm=4))
+    # spill of two blocks (l = 3 l'), G=16, shared window K/V, window off; 3 ranks per selection
+    # program for n = 4 (ranks past n masked)
     run(flexnsa.NSAConfig(12, 4, 4, 4, 0, 2, 0), 1, 1, 16, 37, 8, 8, 30, [1, 3],
-        T(cmp_tile_tokens=2, select_chunk_blocks=2, slc_tiles_per_program=2, programs_per_sm=2), separate=False)
+        T(cmp_tile_tokens=2, select_chunk_blocks=2, slc_tiles_per_program=3, programs_per_sm=2), separate=False)
     # prompt shorter than l (no compressed token yet), G=1, then crossing the first boundaries
     run(flexnsa.NSAConfig(16, 8, 16, 2, 1, 1, 5), 1, 2, 1, 19, 4, 4, 9, [1, 2], T(programs_per_sm=1))
     """
