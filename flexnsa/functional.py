@@ -26,11 +26,17 @@ __all__ = ["nsa_attention", "select_blocks", "BACKENDS"]
 BACKENDS = ("auto", "reference", "flex")
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+def _resolve_backend(backend: str, q: torch.Tensor, mask_mod=None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if mask_mod is not None and not callable(mask_mod):
+        raise ValueError(f"mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool tensor, got {mask_mod!r}")
+    if mask_mod is not None and backend == "flex":
+        raise ValueError("mask_mod is supported by backend='reference' (or 'auto') only: the Triton selection "
+                         "kernels do not take a user pattern yet")
     if backend == "auto":
-        return "flex" if q.device.type == "cuda" and q.dtype != torch.float64 else "reference"
+        fast = q.device.type == "cuda" and q.dtype != torch.float64 and mask_mod is None
+        return "flex" if fast else "reference"
     return backend
 
 
@@ -59,6 +65,7 @@ def nsa_attention(
     v_win: torch.Tensor | None = None,
     scale: float | None = None,
     block_indices: torch.Tensor | None = None,
+    mask_mod=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Native Sparse Attention: ``o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win``.
@@ -85,10 +92,10 @@ def nsa_attention(
     dims = check_nsa_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win)
     if block_indices is not None:
         check_block_indices(block_indices, dims, config)
-    if _resolve_backend(backend, q) == "flex":
+    if _resolve_backend(backend, q, mask_mod) == "flex":
         return _nsa_flex(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_indices)
     return reference.nsa_attention(
-        q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_indices=block_indices
+        q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_indices=block_indices, mask_mod=mask_mod
     )
 
 
@@ -98,6 +105,7 @@ def select_blocks(
     config: NSAConfig | None = None,
     *,
     scale: float | None = None,
+    mask_mod=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The blocks each query's KV group attends in the selection branch.
@@ -111,11 +119,11 @@ def select_blocks(
     config = check_config(config)
     check_scale(scale)
     check_qk(q, k_cmp, config)
-    if _resolve_backend(backend, q) == "flex":
+    if _resolve_backend(backend, q, mask_mod) == "flex":
         from . import custom_ops
         from .flex_branches import compressed_attention
 
         # only the log-sum-exp is needed; k_cmp stands in for the values
         _, lse = compressed_attention(q.detach(), k_cmp.detach(), k_cmp.detach(), config, scale, return_lse=True)
         return custom_ops.select_blocks(q, k_cmp, lse, config, scale)
-    return reference.select_blocks(q, k_cmp, config, scale)
+    return reference.select_blocks(q, k_cmp, config, scale, mask_mod=mask_mod)

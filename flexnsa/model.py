@@ -139,8 +139,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(dim)
         self.mlp = SwiGLU(dim, mlp_hidden_dim, out_init_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, mask_mod=None) -> torch.Tensor:
+        attn_in = self.attn_norm(x)
+        x = x + (self.attn(attn_in) if mask_mod is None else self.attn(attn_in, mask_mod=mask_mod))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -214,13 +215,17 @@ class NSALanguageModel(nn.Module):
         else:
             nn.init.normal_(self.lm_head.weight, std=dim**-0.5)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, mask_mod=None) -> torch.Tensor:
+        """``tokens int [B, T] -> logits float32 [B, T, vocab]``; ``mask_mod``: optional extra
+        attention pattern for the NSA layers (e.g. a document mask for packed sequences)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an integer tensor [B, T], got {shape}")
+        if mask_mod is not None and self.attention != "nsa":
+            raise ValueError("mask_mod is supported with attention='nsa' only")
         x = self.embed(tokens)  # [B, T, dim]
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask_mod)
         return self.lm_head(self.norm(x)).float()  # [B, T, vocab]
 
     def extra_repr(self) -> str:

@@ -235,7 +235,10 @@ class NativeSparseAttention(nn.Module):
             v_win=v_win.to(dtype),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask_mod=None) -> torch.Tensor:
+        """``x [B, T, dim] -> [B, T, dim]``. ``mask_mod``: optional extra pattern over raw positions
+        (FlexAttention's signature, e.g. a document mask for packed sequences), see
+        :func:`flexnsa.nsa_attention`."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a tensor [B, T, dim={self.dim}], got {shape}")
@@ -246,7 +249,7 @@ class NativeSparseAttention(nn.Module):
         # dtype; with it off, the inputs keep autocast's dtype and the statistics stay in float32.
         with torch.autocast(x.device.type, enabled=False):
             o = functional.nsa_attention(
-                **inputs, config=self.config, scale=self.scale, backend=self.backend
+                **inputs, config=self.config, scale=self.scale, mask_mod=mask_mod, backend=self.backend
             )  # [B, HQ, T, Dv]
         return self.o_proj(o.transpose(1, 2).flatten(2))  # [B, T, dim]
 

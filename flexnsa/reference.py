@@ -27,6 +27,7 @@ from .config import NSAConfig
 __all__ = [
     "accumulation_dtype",
     "masked_attention",
+    "evaluate_mask_mod",
     "compressed_visibility",
     "compressed_attention",
     "overlap_weights",
@@ -99,12 +100,43 @@ def masked_attention(
     return out.to(q.dtype), lse
 
 
+def evaluate_mask_mod(mask_mod, batch: int, heads: int, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` evaluated densely by broadcasting:
+    bool ``[B, H, len(q_idx), len(kv_idx)]`` (``q_idx``, ``kv_idx``: int64 positions ``[T]``, ``[S]``)."""
+    device = q_idx.device
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    h = torch.arange(heads, device=device)[None, :, None, None]
+    allowed = mask_mod(b, h, q_idx[None, None, :, None], kv_idx[None, None, None, :])
+    return torch.as_tensor(allowed, dtype=torch.bool, device=device).expand(batch, heads, len(q_idx), len(kv_idx))
+
+
+def _user_token_mask(mask_mod, q: torch.Tensor, kv_len: int):
+    """The user pattern over raw tokens, ``[B, HQ, T, S]``, or None without one."""
+    if mask_mod is None:
+        return None
+    pos = torch.arange(max(q.shape[2], kv_len), device=q.device)
+    return evaluate_mask_mod(mask_mod, q.shape[0], q.shape[1], pos[: q.shape[2]], pos[:kv_len])
+
+
 # ---- branch 1: compressed attention ---------------------------------------------------------
 def compressed_visibility(seq_len: int, num_cmp: int, config: NSAConfig, device=None) -> torch.Tensor:
     """bool ``[T, Tc]``: query t sees compressed token i iff ``i*d + l - 1 <= t``."""
     t = torch.arange(seq_len, device=device)[:, None]
     i = torch.arange(num_cmp, device=device)[None, :]
     return i * config.cmp_stride + config.cmp_block - 1 <= t
+
+
+def _compressed_mask(q: torch.Tensor, num_cmp: int, config: NSAConfig, mask_mod=None) -> torch.Tensor:
+    """``[T, Tc]`` (or ``[B, HQ, T, Tc]`` with a user pattern): compressed token i is visible to query t
+    iff it is causally complete and the pattern allows both its first and its last raw token."""
+    visible = compressed_visibility(q.shape[2], num_cmp, config, q.device)
+    if mask_mod is None:
+        return visible
+    t = torch.arange(q.shape[2], device=q.device)
+    first = torch.arange(num_cmp, device=q.device) * config.cmp_stride
+    last = first + config.cmp_block - 1
+    B, HQ = q.shape[0], q.shape[1]
+    return visible & evaluate_mask_mod(mask_mod, B, HQ, t, first) & evaluate_mask_mod(mask_mod, B, HQ, t, last)
 
 
 def compressed_attention(
@@ -114,13 +146,15 @@ def compressed_attention(
     config: NSAConfig,
     scale: float | None = None,
     upcast: bool = True,
+    mask_mod=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Branch 1: ``o_cmp [B, HQ, T, Dv]`` and its log-sum-exp ``lse [B, HQ, T]``.
 
-    Queries with ``t < l - 1`` see no compressed token: ``o_cmp = 0``, ``lse = -inf``.
+    Queries with ``t < l - 1`` see no compressed token: ``o_cmp = 0``, ``lse = -inf``. An optional
+    user ``mask_mod`` (raw positions) hides compressed tokens whose first or last raw token it hides.
     """
     scale = _default_scale(scale, q.shape[-1])
-    visible = compressed_visibility(q.shape[2], k_cmp.shape[2], config, q.device)  # [T, Tc]
+    visible = _compressed_mask(q, k_cmp.shape[2], config, mask_mod)  # [T, Tc] or [B, HQ, T, Tc]
     return masked_attention(q, k_cmp, v_cmp, visible, scale, upcast)
 
 
@@ -140,6 +174,7 @@ def block_scores(
     config: NSAConfig,
     scale: float | None = None,
     lse: torch.Tensor | None = None,
+    mask_mod=None,
 ) -> torch.Tensor:
     """Group-summed block scores ``[B, HKV, T, NB]`` (accumulation dtype, no gradient).
 
@@ -155,9 +190,9 @@ def block_scores(
         q, k_cmp = q.detach(), k_cmp.detach()
         if lse is None:
             v_dummy = k_cmp.new_zeros(B, HKV, Tc, 1)
-            _, lse = compressed_attention(q, k_cmp, v_dummy, config, scale)
+            _, lse = compressed_attention(q, k_cmp, v_dummy, config, scale, mask_mod=mask_mod)
         logits = (q.to(acc) @ _expand_kv(k_cmp, HQ // HKV).to(acc).transpose(-1, -2)) * scale
-        visible = compressed_visibility(T, Tc, config, q.device)  # [T, Tc]
+        visible = _compressed_mask(q, Tc, config, mask_mod)  # [T, Tc] or [B, HQ, T, Tc]
         # lse is -inf exactly on rows with nothing visible, where every entry is masked anyway
         lse_safe = torch.where(torch.isinf(lse), 0.0, lse.to(acc))[..., None]
         probs = torch.where(visible, torch.exp(logits - lse_safe), 0.0)  # [B, HQ, T, Tc]
@@ -201,9 +236,11 @@ def select_blocks(
     config: NSAConfig,
     scale: float | None = None,
     lse: torch.Tensor | None = None,
+    mask_mod=None,
 ) -> torch.Tensor:
-    """Selected block indices ``int32 [B, HKV, T, n]`` (NSA_SPEC.md, branch 2, steps 1-4)."""
-    return select_from_scores(block_scores(q, k_cmp, config, scale, lse), config)
+    """Selected block indices ``int32 [B, HKV, T, n]`` (NSA_SPEC.md, branch 2, steps 1-4); with a user
+    ``mask_mod`` the scores come from the masked compressed probabilities."""
+    return select_from_scores(block_scores(q, k_cmp, config, scale, lse, mask_mod), config)
 
 
 def selection_mask(indices: torch.Tensor, seq_len: int, config: NSAConfig) -> torch.Tensor:
@@ -227,8 +264,10 @@ def selected_attention(
     config: NSAConfig,
     scale: float | None = None,
     upcast: bool = True,
+    mask_mod=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Branch 2 attention: each query reads raw tokens ``s <= t`` of its group's selected blocks.
+    """Branch 2 attention: each query reads raw tokens ``s <= t`` of its group's selected blocks
+    (and allowed by the user ``mask_mod``, if any).
 
     ``indices``: ``[B, HKV, T, n]`` block ids, ``-1`` for unused slots. Returns
     ``o_slc [B, HQ, T, Dv]`` and ``lse [B, HQ, T]``.
@@ -236,7 +275,8 @@ def selected_attention(
     scale = _default_scale(scale, q.shape[-1])
     groups = q.shape[1] // k.shape[1]
     mask = _expand_kv(selection_mask(indices, q.shape[2], config), groups)  # [B, HQ, T, T]
-    return masked_attention(q, k, v, mask, scale, upcast)
+    user = _user_token_mask(mask_mod, q, k.shape[2])
+    return masked_attention(q, k, v, mask if user is None else mask & user, scale, upcast)
 
 
 # ---- branch 3: sliding window ----------------------------------------------------------------
@@ -247,13 +287,16 @@ def sliding_window_attention(
     window: int,
     scale: float | None = None,
     upcast: bool = True,
+    mask_mod=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Branch 3: attention over raw tokens ``t - w < s <= t``. ``window == 0`` gives zeros, lse -inf."""
+    """Branch 3: attention over raw tokens ``t - w < s <= t`` (and allowed by the user ``mask_mod``).
+    ``window == 0`` gives zeros, lse -inf."""
     scale = _default_scale(scale, q.shape[-1])
     pos = torch.arange(q.shape[2], device=q.device)
     diff = pos[:, None] - pos[None, :]  # t - s, [T, S]
     mask = (diff >= 0) & (diff < window)
-    return masked_attention(q, k, v, mask, scale, upcast)
+    user = _user_token_mask(mask_mod, q, k.shape[2])
+    return masked_attention(q, k, v, mask if user is None else mask & user, scale, upcast)
 
 
 # ---- output ----------------------------------------------------------------------------------
@@ -281,19 +324,23 @@ def nsa_attention(
     scale: float | None = None,
     block_indices: torch.Tensor | None = None,
     upcast: bool = True,
+    mask_mod=None,
 ) -> torch.Tensor:
     """Full NSA output ``[B, HQ, T, Dv]``: the gated sum of the three branches.
 
     The selection uses the compressed branch's own probabilities (no gradient flows through
     top-n); ``block_indices`` (``[B, HKV, T, n]``) overrides it. ``k_win``/``v_win`` default to
-    ``k``/``v``. Inputs are assumed valid: ``flexnsa.nsa_attention`` checks them.
+    ``k``/``v``. An optional user ``mask_mod(b, h, q_idx, kv_idx)`` (FlexAttention's signature, raw
+    positions, ``h`` the query head) is ANDed into every branch: the window and the selected tokens,
+    and the compressed tokens whose first and last raw tokens it allows (so the block scores, too,
+    see only allowed compressed tokens). Inputs are assumed valid: ``flexnsa.nsa_attention`` checks them.
     """
     scale = _default_scale(scale, q.shape[-1])
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
-    o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, config, scale, upcast)
+    o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, config, scale, upcast, mask_mod)
     if block_indices is None:
-        block_indices = select_blocks(q, k_cmp, config, scale, lse=lse_cmp.detach())
-    o_slc, _ = selected_attention(q, k, v, block_indices, config, scale, upcast)
-    o_win, _ = sliding_window_attention(q, k_win, v_win, config.window, scale, upcast)
+        block_indices = select_blocks(q, k_cmp, config, scale, lse=lse_cmp.detach(), mask_mod=mask_mod)
+    o_slc, _ = selected_attention(q, k, v, block_indices, config, scale, upcast, mask_mod)
+    o_win, _ = sliding_window_attention(q, k_win, v_win, config.window, scale, upcast, mask_mod)
     return combine_branches(o_cmp, o_slc, o_win, gates)
