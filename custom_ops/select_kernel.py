@@ -24,13 +24,15 @@ passes of argmax; a chunk whose best key beats no row's current n-th key is skip
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .kernel_utils import mma, tuned, upcast_dots
+from .kernel_utils import LOG2E, mma, tuned, upcast_dots
 
-__all__ = ["select_topn_launch"]
+__all__ = ["select_topn_launch", "select_impl"]
 
 _BIG_INDEX = tl.constexpr(1 << 30)  # "no block": larger than any block index
 
@@ -180,6 +182,192 @@ def _select_topn_kernel(
     tl.store(out_ptrs, out, mask=(tq[:, None] < T) & (slot[None, :] < N))
 
 
+# ---- v2: rank merge, split head dim, exp2 ------------------------------------------------------
+@triton.jit
+def _load_q_part(q_ptr, q_off, row_ok, D0: tl.constexpr, DP: tl.constexpr, DK: tl.constexpr):
+    """``[ROWS, DP]`` columns ``D0 .. D0 + DP`` of the query rows (zero outside ``DK`` and masked rows)."""
+    d_off = D0 + tl.arange(0, DP)
+    return tl.load(q_ptr + q_off[:, None] + d_off[None, :], mask=row_ok[:, None] & (d_off < DK)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_kc_part(kc_base, tok, tok_ok, stride_kt, D0: tl.constexpr, DP: tl.constexpr, DK: tl.constexpr):
+    """``[BLOCK_C, DP]`` columns ``D0 .. D0 + DP`` of the compressed keys ``tok``."""
+    d_off = D0 + tl.arange(0, DP)
+    ptrs = kc_base + tok.to(tl.int64)[:, None] * stride_kt + d_off[None, :]
+    return tl.load(ptrs, mask=tok_ok[:, None] & (d_off < DK)[None, :], other=0.0)
+
+
+@triton.jit
+def _lse_log2(lse, row_ok):
+    """lse in log2 units for ``exp2``: rows that see nothing (``-inf``) -> 0 (the visibility mask
+    zeroes them), rows outside the problem -> ``+inf`` (p = 0 without a mask)."""
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+    return tl.where(row_ok, lse, float("inf"))
+
+
+@triton.jit
+def _select_topn_kernel_v2(
+    q_ptr,  # [B, HQ, T, DK]
+    kc_ptr,  # [B, HKV, Tc, DK]
+    lse_ptr,  # [B, HQ, T] float32
+    idx_ptr,  # [B, HKV, T, N] int32 (output)
+    T,
+    Tc,
+    HKV,
+    scale_log2,  # scale * log2(e)
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_lb,
+    stride_lh,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    HEAD_STEP: tl.constexpr,  # query heads per dot; G_PAD // HEAD_STEP dots per chunk
+    DK: tl.constexpr,
+    D_A: tl.constexpr,  # head dim = D_A (power of two) + D_B (power of two or 0): 192 = 128 + 64, no padding to 256
+    D_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCKS_PER_CHUNK: tl.constexpr,
+    R: tl.constexpr,  # l' / d
+    M: tl.constexpr,  # l / d
+    CMP_BLOCK: tl.constexpr,
+    CMP_STRIDE: tl.constexpr,
+    SLC_BLOCK: tl.constexpr,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    NUM_INIT: tl.constexpr,
+    NUM_LOCAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # longest (latest) query tiles first
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = (pid_bg % HKV).to(tl.int64)
+    t0 = pid_t * BLOCK_T
+
+    rows = tl.arange(0, BLOCK_T * HEAD_STEP)
+    row_t = t0 + rows // HEAD_STEP  # [ROWS] query position of each row
+    row_hs = rows % HEAD_STEP  # [ROWS] head within the step
+
+    tq = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    own_block = tq // SLC_BLOCK  # [BLOCK_T]
+    last_block = (tl.minimum(t0 + BLOCK_T, T) - 1) // SLC_BLOCK
+    num_chunks = last_block // BLOCKS_PER_CHUNK + 1
+
+    c_off = tl.arange(0, BLOCK_C)
+    jj = tl.arange(0, BLOCK_J)
+    slot = tl.arange(0, N_PAD)
+    kc_base = kc_ptr + b * stride_kb + g * stride_kh
+
+    if HEAD_STEP == G_PAD:  # all heads of the group in one dot: keep the query tile resident
+        head = g * G + row_hs
+        row_ok = (row_t < T) & (row_hs < G)
+        q_off = b * stride_qb + head * stride_qh + row_t.to(tl.int64) * stride_qt
+        q_a = _load_q_part(q_ptr, q_off, row_ok, 0, D_A, DK)
+        if D_B > 0:
+            q_b = _load_q_part(q_ptr, q_off, row_ok, D_A, D_B, DK)
+        lse_res = tl.load(lse_ptr + b * stride_lb + head * stride_lh + row_t, mask=row_ok, other=0.0)
+        lse_res = _lse_log2(lse_res, row_ok)
+
+    # kept set of n blocks per row, unordered; empty slots hold -inf and distinct indices >= 2^30 (so
+    # the worst entry, lowest key then highest index, is one slot); padding slots (>= N) hold +inf
+    slot_2d = tl.zeros((BLOCK_T, N_PAD), tl.int32) + slot[None, :]  # [BLOCK_T, N_PAD]
+    top_val = tl.where(slot_2d < N, float("-inf"), float("inf"))
+    top_idx = slot_2d + _BIG_INDEX
+
+    # compressed keys of chunk 0; each iteration loads the next chunk's keys before its own merge
+    # (a hand-written prefetch: the data-dependent merge loop keeps Triton from pipelining)
+    tok = -(M - 1) + c_off  # [BLOCK_C] compressed token ids of the chunk
+    tok_ok = (tok >= 0) & (tok < Tc)
+    kc_a = _load_kc_part(kc_base, tok, tok_ok, stride_kt, 0, D_A, DK)
+    if D_B > 0:
+        kc_b = _load_kc_part(kc_base, tok, tok_ok, stride_kt, D_A, D_B, DK)
+    for chunk in range(num_chunks):
+        j0 = chunk * BLOCKS_PER_CHUNK
+        tok = j0 * R - (M - 1) + c_off
+        tok_ok = (tok >= 0) & (tok < Tc)
+        tok_next = tok + BLOCKS_PER_CHUNK * R
+        next_ok = tok_next < Tc  # (the last iteration loads keys it does not use)
+        # every token of the chunk visible to every query of the tile: no mask (rows past T or past
+        # the group have lse = +inf, p = 0)
+        full = (j0 * R - (M - 1) >= 0) & ((j0 * R - (M - 1) + BLOCK_C - 1) * CMP_STRIDE + CMP_BLOCK - 1 <= t0)
+        if HEAD_STEP == G_PAD:
+            logits = mma(q_a, tl.trans(kc_a), IEEE, UPCAST)  # [ROWS, BLOCK_C]
+            if D_B > 0:
+                logits += mma(q_b, tl.trans(kc_b), IEEE, UPCAST)
+            probs = tl.exp2(logits * scale_log2 - lse_res[:, None])
+            if not full:
+                visible = tok_ok[None, :] & (tok[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= row_t[:, None])
+                probs = tl.where(visible, probs, 0.0)  # [ROWS, BLOCK_C]
+            group_probs = tl.sum(tl.reshape(probs, (BLOCK_T, HEAD_STEP, BLOCK_C)), axis=1)  # [BLOCK_T, C]
+            kc_a = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, 0, D_A, DK)
+            if D_B > 0:
+                kc_b = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, D_A, D_B, DK)
+        else:
+            group_probs = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
+            for step in tl.static_range(G_PAD // HEAD_STEP):
+                head = g * G + step * HEAD_STEP + row_hs
+                row_ok = (row_t < T) & (step * HEAD_STEP + row_hs < G)
+                q_off = b * stride_qb + head * stride_qh + row_t.to(tl.int64) * stride_qt
+                q_sub = _load_q_part(q_ptr, q_off, row_ok, 0, D_A, DK)
+                logits = mma(q_sub, tl.trans(kc_a), IEEE, UPCAST)
+                if D_B > 0:
+                    q_sub_b = _load_q_part(q_ptr, q_off, row_ok, D_A, D_B, DK)
+                    logits += mma(q_sub_b, tl.trans(kc_b), IEEE, UPCAST)
+                lse_sub = tl.load(lse_ptr + b * stride_lb + head * stride_lh + row_t, mask=row_ok, other=0.0)
+                probs = tl.exp2(logits * scale_log2 - _lse_log2(lse_sub, row_ok)[:, None])
+                if not full:
+                    visible = tok_ok[None, :] & (tok[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= row_t[:, None])
+                    probs = tl.where(visible, probs, 0.0)
+                group_probs += tl.sum(tl.reshape(probs, (BLOCK_T, HEAD_STEP, BLOCK_C)), axis=1)
+            kc_a = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, 0, D_A, DK)
+            if D_B > 0:
+                kc_b = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, D_A, D_B, DK)
+
+        # overlap weights of token tok (row) in block j0 + jj (column)
+        offset = tok[:, None] - (j0 + jj[None, :]) * R  # [BLOCK_C, BLOCK_J]
+        weight = tl.minimum(offset + M, R) - tl.maximum(offset, 0)
+        weight = tl.where((weight > 0) & (jj[None, :] < BLOCKS_PER_CHUNK), weight, 0).to(tl.float32)
+        scores = tl.dot(group_probs, weight, input_precision="ieee")  # [BLOCK_T, BLOCK_J]
+
+        blk = j0 + jj  # [BLOCK_J]
+        eligible = (jj[None, :] < BLOCKS_PER_CHUNK) & (blk[None, :] <= own_block[:, None])
+        forced = eligible & ((blk[None, :] < NUM_INIT) | (blk[None, :] > own_block[:, None] - NUM_LOCAL))
+        key = tl.where(forced, float("inf"), tl.where(eligible, scores, float("-inf")))  # [BLOCK_T, BLOCK_J]
+
+        # Threshold insertion: the best new block replaces the kept set's worst entry while it beats
+        # it (a strictly higher key: kept blocks have lower indices, so they win ties). Rows without
+        # such a block do nothing; the loop runs max-over-rows-of-entries times (often 0).
+        best_new = tl.max(key, axis=1)  # [BLOCK_T]
+        worst_val = tl.min(top_val, axis=1)  # [BLOCK_T]
+        worst_idx = tl.max(tl.where(top_val == worst_val[:, None], top_idx, -1), axis=1)
+        enters = best_new > worst_val
+        while tl.max(enters.to(tl.int32), axis=0) > 0:
+            arg_new = tl.min(tl.where(key == best_new[:, None], jj[None, :], BLOCK_J), axis=1)  # lowest block
+            out_slot = enters[:, None] & (top_idx == worst_idx[:, None])  # [BLOCK_T, N_PAD] one slot per row
+            top_val = tl.where(out_slot, best_new[:, None], top_val)
+            top_idx = tl.where(out_slot, (j0 + arg_new)[:, None], top_idx)
+            key = tl.where(enters[:, None] & (jj[None, :] == arg_new[:, None]), float("-inf"), key)
+            best_new = tl.max(key, axis=1)
+            worst_val = tl.min(top_val, axis=1)
+            worst_idx = tl.max(tl.where(top_val == worst_val[:, None], top_idx, -1), axis=1)
+            enters = best_new > worst_val
+
+    out = tl.where(top_val > float("-inf"), top_idx, -1)  # [BLOCK_T, N_PAD]
+    out_ptrs = idx_ptr + b * stride_ib + g * stride_ih + tq.to(tl.int64)[:, None] * stride_it + slot[None, :]
+    tl.store(out_ptrs, out, mask=(tq[:, None] < T) & (slot[None, :] < N))
+
+
 def _kernel_plan(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: int) -> dict:
     """Tile sizes of the select kernel (all powers of two, dot operands >= 16 on each side)."""
     tuning = tuned("select")
@@ -207,6 +395,53 @@ def _kernel_plan(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: in
     )
 
 
+def _head_dim_split(Dk: int) -> tuple[int, int]:
+    """``(D_A, D_B)``: ``D_A`` the largest power of two <= Dk (at least 16), ``D_B`` the rest padded
+    to a power of two >= 16, or 0. 128 -> (128, 0), 192 -> (128, 64), 24 -> (16, 16), 8 -> (16, 0)."""
+    d_a = max(16, 1 << (Dk.bit_length() - 1))
+    rest = Dk - d_a
+    return d_a, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: int) -> dict:
+    """Tile sizes of the v2 select kernel (``TUNING["select_v2"]`` overrides BLOCK_T, BLOCK_C,
+    num_warps, num_stages)."""
+    tuning = tuned("select_v2")
+    g_pad = triton.next_power_of_2(G)
+    d_a, d_b = _head_dim_split(Dk)
+    block_t = tuning.get("BLOCK_T", max(16, 128 // g_pad))
+    head_step = g_pad
+    while head_step > 1 and block_t * head_step * (d_a + d_b) > 256 * 256:  # q tile <= 128 KiB in bf16
+        head_step //= 2
+    r, m = slc_block // cmp_stride, cmp_block // cmp_stride
+    block_c = max(tuning.get("BLOCK_C", 64), triton.next_power_of_2(r + m - 1))
+    per_chunk = (block_c - (m - 1)) // r
+    return dict(
+        G_PAD=g_pad,
+        HEAD_STEP=head_step,
+        D_A=d_a,
+        D_B=d_b,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        BLOCK_J=max(16, triton.next_power_of_2(per_chunk)),
+        BLOCKS_PER_CHUNK=per_chunk,
+        R=r,
+        M=m,
+        num_warps=tuning.get("num_warps", 8 if block_t * head_step >= 128 else 4),
+        num_stages=tuning.get("num_stages", 2),
+        **({"maxnreg": tuning["maxnreg"]} if "maxnreg" in tuning else {}),
+    )
+
+
+def select_impl() -> str:
+    """``"v2"`` (rank merge, the default) or ``"v1"`` (n argmax passes per merge), from
+    ``FLEXNSA_SELECT_IMPL``; read at every launch so a process can time both."""
+    impl = os.environ.get("FLEXNSA_SELECT_IMPL", "v2").strip().lower() or "v2"
+    if impl not in ("v1", "v2"):
+        raise ValueError(f"FLEXNSA_SELECT_IMPL must be 'v1' or 'v2', got {impl!r}")
+    return impl
+
+
 def select_topn_launch(
     launch,
     q: torch.Tensor,
@@ -228,12 +463,17 @@ def select_topn_launch(
     B, HQ, T, Dk = q.shape
     HKV, Tc = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // HKV
-    plan = _kernel_plan(G, Dk, cmp_block, cmp_stride, slc_block)
+    if select_impl() == "v2":
+        kernel, plan = _select_topn_kernel_v2, _kernel_plan_v2(G, Dk, cmp_block, cmp_stride, slc_block)
+        scale_arg = scale * LOG2E
+    else:
+        kernel, plan = _select_topn_kernel, _kernel_plan(G, Dk, cmp_block, cmp_stride, slc_block)
+        scale_arg = scale
     if Tc == 0:  # no compressed token yet (T < l): a 1-token stand-in keeps the pointer valid, all masked
         k_cmp = k_cmp.new_zeros(B, HKV, 1, Dk)
     indices = torch.empty(B, HKV, T, num_selected, dtype=torch.int32, device=q.device)  # [B, HKV, T, n]
     grid = (triton.cdiv(T, plan["BLOCK_T"]), B * HKV)
-    launch(_select_topn_kernel)[grid](
+    launch(kernel)[grid](
         q,
         k_cmp,
         lse,
@@ -241,7 +481,7 @@ def select_topn_launch(
         T,
         Tc,
         HKV,
-        scale,
+        scale_arg,
         q.stride(0),
         q.stride(1),
         q.stride(2),

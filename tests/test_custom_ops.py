@@ -330,6 +330,22 @@ def test_invalid_inputs_name_the_argument(case, name):
         case(*_valid_args())
 
 
+@cpu_path_only
+def test_select_impl_from_environment(monkeypatch):
+    from flexnsa.custom_ops.select_kernel import _head_dim_split, select_impl
+
+    monkeypatch.delenv("FLEXNSA_SELECT_IMPL", raising=False)
+    assert select_impl() == "v2"
+    monkeypatch.setenv("FLEXNSA_SELECT_IMPL", "V1")
+    assert select_impl() == "v1"
+    monkeypatch.setenv("FLEXNSA_SELECT_IMPL", "v3")
+    with pytest.raises(ValueError, match="FLEXNSA_SELECT_IMPL"):
+        select_impl()
+    split = {Dk: _head_dim_split(Dk) for Dk in (8, 16, 24, 40, 64, 96, 128, 192, 256)}
+    assert split == {8: (16, 0), 16: (16, 0), 24: (16, 16), 40: (32, 16), 64: (64, 0), 96: (64, 32),
+                     128: (128, 0), 192: (128, 64), 256: (256, 0)}  # fmt: skip
+
+
 # ---- Triton kernels under the interpreter (subprocess) ----------------------------------------
 @cpu_path_only
 @pytest.mark.slow
@@ -354,14 +370,35 @@ def test_interp_select_kernel_matches_reference(cfg, G, B, HKV, T, Dk, dtype, ti
 
 
 @interp_only
-def test_interp_select_kernel_paper_blocks_many_candidates():
+@pytest.mark.parametrize("impl", ["v1", "v2"])
+def test_interp_select_kernel_paper_blocks_many_candidates(impl, monkeypatch):
     """Paper ratios (l = 2d, l' = 4d) with more blocks than one chunk of the kernel holds (15) and
-    than n, so the running top-n merge runs across chunks."""
+    than n, so the running top-n merge runs across chunks; both kernels (``FLEXNSA_SELECT_IMPL``)."""
+    monkeypatch.setenv("FLEXNSA_SELECT_IMPL", impl)
     cfg = flexnsa.NSAConfig(cmp_block=4, cmp_stride=2, slc_block=8, num_selected=5, num_init_blocks=1, num_local_blocks=2)
     for dtype, ties in ((torch.bfloat16, None), (torch.float32, "zero_q")):
         q, _, _, k_cmp, lse = make_problem(cfg, 1, 1, 16, 301, 16, 4, dtype, seed=5, ties=ties)
         idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
         assert_selection_agrees(idx, reference.select_blocks(q, k_cmp, cfg, lse=lse), q, k_cmp, cfg)
+
+
+@interp_only
+@pytest.mark.parametrize(
+    "tuning, G, Dk, ties",
+    [({"BLOCK_C": 128}, 16, 40, None), ({"BLOCK_T": 256, "BLOCK_C": 32}, 16, 24, "periodic"),
+     ({"BLOCK_T": 32}, 3, 8, "zero_q")],
+)  # fmt: skip
+def test_interp_select_v2_tiles(tuning, G, Dk, ties, monkeypatch):
+    """v2 with other tiles: wider chunks (31 blocks), query heads in two dots (q tile too large to
+    keep), a head dim split 32 + 16, several query tiles; exact ties and many chunks."""
+    from flexnsa.custom_ops import kernel_utils
+
+    monkeypatch.setenv("FLEXNSA_SELECT_IMPL", "v2")
+    monkeypatch.setitem(kernel_utils.TUNING, "select_v2", tuning)
+    cfg = flexnsa.NSAConfig(cmp_block=4, cmp_stride=2, slc_block=8, num_selected=6, num_init_blocks=1, num_local_blocks=2)
+    q, _, _, k_cmp, lse = make_problem(cfg, 1, 2, G, 333, Dk, 4, torch.bfloat16, seed=G + Dk, ties=ties)
+    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    assert_selection_agrees(idx, reference.select_blocks(q, k_cmp, cfg, lse=lse), q, k_cmp, cfg)
 
 
 @interp_only
