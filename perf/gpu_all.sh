@@ -35,6 +35,10 @@ for stage in "$@"; do
   took=$(( $(date +%s) - start ))
   echo "=== $name rc=$rc ${took}s (limit ${limit}s); last lines:"; tail -n 25 "$OUT/$name/log.txt"
   summary+="$name rc=$rc ${took}s; "
+  if [ "$name" = ops ] && [ $rc -ne 0 ] && [ -z "${FLEXNSA_SELECT_IMPL:-}" ]; then
+    export FLEXNSA_SELECT_IMPL=v1  # the ops check failed: later stages use the previous select kernel
+    echo "ops failed: FLEXNSA_SELECT_IMPL=v1 for the stages after it"; summary+="(then select v1) "
+  fi
 done
 (cd "$OUT" && tar czf results.tar.gz --exclude=results.tar.gz . )
 echo "SUMMARY: $summary"
