@@ -49,7 +49,7 @@ def _nsa_flex(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_i
         block_indices = custom_ops.select_blocks(q, k_cmp, lse_cmp.detach(), config, scale)  # [B, HKV, T, n]
     o_slc, _ = custom_ops.selected_attention(q, k, v, block_indices, config, scale)  # [B, HQ, T, Dv]
     o_win = sliding_window_attention(q, k if k_win is None else k_win, v if v_win is None else v_win, config.window, scale)
-    return reference.combine_branches(o_cmp, o_slc, o_win, gates)
+    return custom_ops.gated_combine(o_cmp, o_slc, o_win, gates)  # [B, HQ, T, Dv], one fused pass
 
 
 def nsa_attention(
