@@ -18,6 +18,8 @@ Exits non-zero when a result is wrong.
     compared tie-aware on 512 sampled queries (the first and last included) with float64 scores
     computed only for those rows; o, lse and dq on 256 sampled rows against a float64 gather
     reference (and the same gather in bf16 for the tolerance).
+(b2) Select kernels v1 and v2 (``FLEXNSA_SELECT_IMPL``) on the same 64k inputs, Dk/Dv 128/128 and
+    192/128: each checked tie-aware on 512 sampled queries and timed; prints which is faster.
 (c) Timings at 64k (``triton.testing.do_bench``, median ms) of select_blocks, the selected forward
     and the backward (deterministic and atomic dK/dV), for Dk/Dv 128/128 and 192/128, with the
     FLOP and byte counts and achieved TFLOP/s and TB/s, and a per-kernel breakdown of the backward
@@ -77,7 +79,8 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 PAPER = flexnsa.NSAConfig()  # l=32, d=16, l'=64, n=16, 1 init + 2 local blocks
 START = time.time()
 FAILURES: list[str] = []
-RESULTS: dict = {"correctness": [], "select_64k": None, "rows_64k": None, "timings": [], "sweep": [], "t256k": None}
+RESULTS: dict = {"correctness": [], "select_64k": None, "rows_64k": None, "select_impls": [], "timings": [], "sweep": [],
+                 "t256k": None}
 
 
 def elapsed() -> float:
@@ -352,6 +355,66 @@ def check_long(T, Dk, Dv, seed, n_select_rows, n_attn_rows, label):
     return out
 
 
+# ---- (b2) select kernel v1 against v2 -----------------------------------------------------------
+SELECT_IMPLS = ("v1", "v2")  # FLEXNSA_SELECT_IMPL values (custom_ops/select_kernel.py)
+
+
+def compare_select_impls(T, Dk, Dv, seed, n_rows):
+    """Both select kernels on the same 64k inputs: each checked tie-aware on ``n_rows`` sampled
+    queries (float64 keys of those rows), then timed; returns one row per kernel."""
+    scale = 1.0 / math.sqrt(Dk)
+    q, _, _, k_cmp, gen = paper_inputs(T, Dk, Dv, seed)
+    lse_cmp = compressed_lse(q, k_cmp, PAPER, scale)
+    rows = sample_rows(T, n_rows, gen)
+    keys = [keys_for_rows(q, k_cmp, PAPER, scale, chunk) for chunk in rows.split(64)]
+    cmp_pairs = PAPER.attended_pairs(T)["cmp"] * q.shape[1]
+    out = []
+    before = os.environ.get("FLEXNSA_SELECT_IMPL")
+    try:
+        for impl in SELECT_IMPLS:
+            os.environ["FLEXNSA_SELECT_IMPL"] = impl
+            row = {"T": T, "Dk": Dk, "Dv": Dv, "impl": impl}
+            try:
+                idx = custom_ops.select_blocks(q, k_cmp, lse_cmp, PAPER, scale)
+                sync()
+                bad = differ = 0
+                for chunk, key in zip(rows.split(64), keys):
+                    b, d = selection_disagreement(idx[:, :, chunk], top_n_from_keys(key, PAPER.num_selected), key)
+                    bad, differ = bad + b, differ + d
+                row.update(rows=int(len(rows)), bad=bad, differing=differ)
+                if bad:
+                    record_failure(f"select {impl} T={T} {Dk}/{Dv}", f"{bad} of {len(rows)} sampled rows disagree beyond ties")
+                ms = bench(lambda: custom_ops.select_blocks(q, k_cmp, lse_cmp, PAPER, scale))
+                row.update(ms=round(ms, 3), tflops=round(2 * cmp_pairs * Dk / ms / 1e9, 1))
+                log(f"  select {impl} T={T} {Dk}/{Dv}: {ms:8.3f} ms, sampled rows bad {bad}, differing {differ}")
+            except Exception as err:  # v2 failing must not hide v1's numbers (and is a failure)
+                record_failure(f"select {impl} T={T} {Dk}/{Dv}", err)
+                row["error"] = repr(err)[:200]
+            out.append(row)
+            empty_cache()
+    finally:
+        if before is None:
+            os.environ.pop("FLEXNSA_SELECT_IMPL", None)
+        else:
+            os.environ["FLEXNSA_SELECT_IMPL"] = before
+    return out
+
+
+def impl_summary(rows) -> list[str]:
+    """One line per (T, Dk/Dv): both times and which kernel is faster."""
+    lines = []
+    for key in sorted({(r["T"], r["Dk"], r["Dv"]) for r in rows}):
+        ms = {r["impl"]: r.get("ms") for r in rows if (r["T"], r["Dk"], r["Dv"]) == key}
+        if all(ms.get(i) is not None for i in SELECT_IMPLS):
+            faster = min(SELECT_IMPLS, key=lambda i: ms[i])
+            lines.append(f"select T={key[0]} {key[1]}/{key[2]}: v1 {ms['v1']} ms, v2 {ms['v2']} ms -> {faster} faster "
+                         f"({max(ms.values()) / min(ms.values()):.2f}x)")
+        else:
+            lines.append(f"select T={key[0]} {key[1]}/{key[2]}: " + ", ".join(f"{i} {ms.get(i)}" for i in SELECT_IMPLS)
+                         + " (a kernel failed)")
+    return lines
+
+
 # ---- (c) timings ------------------------------------------------------------------------------
 def sync():
     if DEVICE == "cuda":
@@ -461,6 +524,7 @@ SWEEP = {
     "selected_fwd": [{"num_warps": 4, "num_stages": 1}, {"num_warps": 4, "num_stages": 3},
                      {"num_warps": 8, "num_stages": 2}, {"num_warps": 2, "num_stages": 2}],
     "select": [{"BLOCK_T": 32}, {"BLOCK_C": 128}, {"num_warps": 4}, {"num_stages": 3}],
+    "select_v2": [{"BLOCK_C": 128}, {"maxnreg": 128}, {"BLOCK_T": 32}, {"num_warps": 4}, {"BLOCK_C": 32}],
     "selected_dq": [{"num_warps": 8, "num_stages": 2}, {"num_warps": 4, "num_stages": 3}],
     "selected_dkv": [{"ROWS": 128}, {"num_warps": 4}, {"CHUNK": 256}, {"num_stages": 1}],
 }  # fmt: skip
@@ -472,6 +536,7 @@ def sweep(tensors, deadline):
     bs = PAPER.slc_block
     calls = {
         "select": lambda: custom_ops.select_blocks(q, k_cmp, lse_cmp, PAPER, scale),
+        "select_v2": lambda: custom_ops.select_blocks(q, k_cmp, lse_cmp, PAPER, scale),
         "selected_fwd": lambda: custom_ops.selected_attention(q, k, v, idx, PAPER, scale),
         "selected_dq": lambda: torch.ops.flexnsa.selected_attention_backward(
             grad_out, q, k, v, o, lse, idx, bs, scale, True),
@@ -486,6 +551,9 @@ def sweep(tensors, deadline):
                 return out
             kernel_utils.TUNING.clear()
             kernel_utils.TUNING[name] = dict(variant)
+            impl_before = os.environ.get("FLEXNSA_SELECT_IMPL")
+            if name in ("select", "select_v2"):  # "select" tunes the v1 kernel, "select_v2" the v2 one
+                os.environ["FLEXNSA_SELECT_IMPL"] = "v1" if name == "select" else "v2"
             try:
                 with torch.no_grad():
                     ms = bench(calls[name])
@@ -496,6 +564,10 @@ def sweep(tensors, deadline):
                 log(f"  sweep {name} {variant}: error {repr(err)[:120]}")
             finally:
                 kernel_utils.TUNING.clear()
+                if impl_before is None:
+                    os.environ.pop("FLEXNSA_SELECT_IMPL", None)
+                else:
+                    os.environ["FLEXNSA_SELECT_IMPL"] = impl_before
     return out
 
 
@@ -525,6 +597,14 @@ def write_outputs(out_dir: pathlib.Path) -> str:
             lines += ["", f"{key}: {r['select_rows']} sampled rows, {r['select_bad_rows']} bad, "
                           f"{r['select_differing_rows']} differing within ties; rows: {checks}; "
                           f"dk/dv finite {r.get('dk_dv_finite')}; ok {r['ok']}"]  # fmt: skip
+    if RESULTS["select_impls"]:
+        lines += ["", "## Select kernels v1 / v2 (FLEXNSA_SELECT_IMPL) at 64k, paper shape; tie-aware on sampled rows", "",
+                  "| T | Dk/Dv | impl | ms | TFLOP/s (q.k_cmp) | sampled rows | bad | differing within ties |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in RESULTS["select_impls"]:
+            lines.append(f"| {r['T']} | {r['Dk']}/{r['Dv']} | {r['impl']} | {r.get('ms', r.get('error', ''))} | "
+                         f"{r.get('tflops', '')} | {r.get('rows', '')} | {r.get('bad', '')} | {r.get('differing', '')} |")
+        lines += [""] + impl_summary(RESULTS["select_impls"])
     if RESULTS["timings"]:
         lines += ["", "## Timings (B=1, HQ=64, HKV=4, bf16, paper config; median ms, do_bench)", "",
                   "| T | Dk/Dv | op | ms | GFLOP | TFLOP/s | MB unique | TB/s unique | MB gathered | TB/s gathered |",
@@ -598,7 +678,18 @@ def main() -> int:
     empty_cache()
     write_outputs(out_dir)
 
-    log(f"(c) timings at T={T_long}")
+    log(f"(b2) T={T_long}: select kernel v1 against v2 (both checked on {n_sel} sampled queries, both timed)")
+    for Dk, Dv in ((128, 128), (192, 128)):
+        try:
+            RESULTS["select_impls"] += compare_select_impls(T_long, Dk, Dv, 13, n_sel)
+        except Exception as err:
+            record_failure(f"select v1/v2 T={T_long} {Dk}/{Dv}", err)
+        empty_cache()
+    for line in impl_summary(RESULTS["select_impls"]):
+        log("  " + line)
+    write_outputs(out_dir)
+
+    log(f"(c) timings at T={T_long} (select: the default kernel, FLEXNSA_SELECT_IMPL={os.environ.get('FLEXNSA_SELECT_IMPL', 'v2')})")
     tensors = None
     RESULTS["breakdown"] = {}
     for Dk, Dv in ((128, 128), (192, 128)):
@@ -631,6 +722,8 @@ def main() -> int:
 
     text = write_outputs(out_dir)
     print(text)
+    for line in impl_summary(RESULTS["select_impls"]):
+        print(line)
     print(f"{'FAILED' if FAILURES else 'OK'}: {len(FAILURES)} failures, {elapsed():.0f}s; results in {out_dir}")
     return 1 if FAILURES else 0
 
