@@ -20,6 +20,13 @@ chunks of ``BLOCKS_PER_CHUNK`` selection blocks. Block ``j`` reads the compresse
 tokens starting at ``j0*R - (M-1)``, so neighbouring chunks recompute ``M-1`` tokens. The scores
 of a chunk, ``[BLOCK_T, BLOCK_J]``, are merged into the running top-n ``[BLOCK_T, N_PAD]`` by ``n``
 passes of argmax; a chunk whose best key beats no row's current n-th key is skipped.
+
+Two kernels, chosen by ``FLEXNSA_SELECT_IMPL`` at every launch: ``v2`` (the default) and ``v1``
+(the description above). v2 keeps the n best blocks unordered and, while a row's best new block
+beats its worst kept one (a strictly higher key), swaps them (rounds = entries, not n); skips the
+visibility mask on steps fully visible to the tile; uses ``exp2``; splits the head dim into two
+powers of two (192 = 128 + 64) instead of padding; prefetches the next step's ``k_cmp`` by hand.
+See perf/NOTES.md, "select kernel v2".
 """
 
 from __future__ import annotations
@@ -458,7 +465,8 @@ def select_topn_launch(
     """Runs the select kernel; ``launch`` wraps the kernel (``torch.library.wrap_triton``).
 
     ``q [B, HQ, T, Dk]``, ``k_cmp [B, HKV, Tc, Dk]`` contiguous, ``lse [B, HQ, T]`` float32
-    contiguous. Returns ``int32 [B, HKV, T, n]``, slots in descending key order, unused ``-1``.
+    contiguous. Returns ``int32 [B, HKV, T, n]``, unused slots ``-1``; slot order: v1 by descending
+    key (``-1`` last), v2 unordered (``-1`` in any slot).
     """
     B, HQ, T, Dk = q.shape
     HKV, Tc = k_cmp.shape[1], k_cmp.shape[2]
