@@ -139,9 +139,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(dim)
         self.mlp = SwiGLU(dim, mlp_hidden_dim, out_init_scale)
 
-    def forward(self, x: torch.Tensor, mask_mod=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask_mod=None, cache=None, layer_idx: int = 0, prefill: bool = False):
         attn_in = self.attn_norm(x)
-        x = x + (self.attn(attn_in) if mask_mod is None else self.attn(attn_in, mask_mod=mask_mod))
+        if mask_mod is None and cache is None:
+            x = x + self.attn(attn_in)
+        else:  # NSA layers only (the model checks)
+            x = x + self.attn(attn_in, mask_mod=mask_mod, cache=cache, layer_idx=layer_idx, prefill=prefill)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -215,18 +218,50 @@ class NSALanguageModel(nn.Module):
         else:
             nn.init.normal_(self.lm_head.weight, std=dim**-0.5)
 
-    def forward(self, tokens: torch.Tensor, mask_mod=None) -> torch.Tensor:
-        """``tokens int [B, T] -> logits float32 [B, T, vocab]``; ``mask_mod``: optional extra
-        attention pattern for the NSA layers (e.g. a document mask for packed sequences)."""
+    def forward(self, tokens: torch.Tensor, mask_mod=None, cache=None, prefill: bool = False) -> torch.Tensor:
+        """``tokens int [B, T] -> logits float32 [B, T, vocab]``. ``mask_mod``: optional extra attention
+        pattern for the NSA layers (e.g. a document mask for packed sequences). ``cache``
+        (:meth:`new_cache`): ``prefill=True`` runs a prompt and fills it; otherwise ``tokens`` follow the
+        cached ones (see :meth:`generate`)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an integer tensor [B, T], got {shape}")
-        if mask_mod is not None and self.attention != "nsa":
-            raise ValueError("mask_mod is supported with attention='nsa' only")
+        if (mask_mod is not None or cache is not None) and self.attention != "nsa":
+            raise ValueError("mask_mod and cache are supported with attention='nsa' only")
         x = self.embed(tokens)  # [B, T, dim]
-        for block in self.blocks:
-            x = block(x, mask_mod)
+        for layer_idx, block in enumerate(self.blocks):
+            x = block(x, mask_mod, cache, layer_idx, prefill)
         return self.lm_head(self.norm(x)).float()  # [B, T, vocab]
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        """An empty :class:`flexnsa.NSACache` with one layer per block, up to ``max_len`` tokens."""
+        if self.attention != "nsa":
+            raise ValueError("new_cache needs attention='nsa'")
+        return self.blocks[0].attn.new_cache(batch_size, max_len, len(self.blocks), dtype, device)
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continues ``tokens int [B, T]`` by ``max_new_tokens``: one prefill of the prompt, then one
+        cached decode step per token (greedy with ``temperature=0``, else sampling at that temperature).
+        Returns ``int [B, T + max_new_tokens]``."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        cache = self.new_cache(tokens.shape[0], tokens.shape[1] + max_new_tokens)
+        logits = self(tokens, cache=cache, prefill=True)[:, -1]  # [B, vocab]
+        out = [tokens]
+        for step in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)  # [B, 1]
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+            out.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits = self(nxt, cache=cache)[:, -1]
+        return torch.cat(out, dim=1)
 
     def extra_repr(self) -> str:
         return f"attention={self.attention!r}, vocab_size={self.vocab_size}"

@@ -11,7 +11,9 @@ from torch import nn
 from . import functional
 from ._checks import check_config, check_scale
 from .compressor import COMPRESSOR_KINDS, Compressor
+from .cache import NSACache
 from .config import NSAConfig
+from .decode import nsa_decode, nsa_prefill
 from .rope import RotaryEmbedding
 
 __all__ = ["NativeSparseAttention", "KV_SHARING"]
@@ -197,10 +199,15 @@ class NativeSparseAttention(nn.Module):
         Returns a dict with ``q, k, v, k_cmp, v_cmp, gates, k_win, v_win`` (``k, v`` are the selection
         branch's), shaped as NSA_SPEC.md states.
         """
-        B, T, _ = x.shape
+        inputs, _ = self._project(x, torch.arange(x.shape[1], device=x.device), with_compressed=True)
+        return inputs
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor, with_compressed: bool):
+        """Projections of ``x [B, T, dim]`` at ``positions [T]``: the ``nsa_attention`` arguments (without
+        ``k_cmp, v_cmp`` unless ``with_compressed``, which needs ``positions = 0 .. T-1``) and phi's raw
+        pre-RoPE input ``(k_cmp_raw [B, HKV, T, Dk], v_cmp_raw [B, HKV, T, Dv])``."""
         HQ, HKV, Dk, Dv = self.num_heads, self.num_kv_heads, self.qk_head_dim, self.v_head_dim
         l, d = self.config.cmp_block, self.config.cmp_stride
-        positions = torch.arange(T, device=x.device)  # [T]
         q = self._rope(self._heads(self.q_proj(x), HQ), positions)  # [B, HQ, T, Dk]
 
         kv = self.kv_proj(x).split([HKV * Dk, HKV * Dv] * len(self.kv_branches), dim=-1)
@@ -217,33 +224,64 @@ class NativeSparseAttention(nn.Module):
             v_win = raw["win"][1]  # [B, HKV, T, Dv]
         else:  # shared K/V, or the window branch is off (window == 0): it reads the selection K/V
             k_win, v_win = k_slc, v_slc
-        ends = torch.arange(self.config.num_cmp_tokens(T), device=x.device) * d + (l - 1)  # [Tc]
-        k_cmp, v_cmp = self.compress(
-            self.k_compressor.blocks(k_cmp_raw), self.v_compressor.blocks(v_cmp_raw), ends
-        )  # [B, HKV, Tc, Dk], [B, HKV, Tc, Dv]
-
         gates = torch.sigmoid(self.gate_proj(x)).unflatten(-1, (HQ, 3)).transpose(1, 2)  # [B, HQ, T, 3]
         dtype = q.dtype
-        return dict(
-            q=q,
-            k=k_slc.to(dtype),
-            v=v_slc.to(dtype),
-            k_cmp=k_cmp.to(dtype),
-            v_cmp=v_cmp.to(dtype),
-            gates=gates,
-            k_win=k_win.to(dtype),
-            v_win=v_win.to(dtype),
+        inputs = dict(q=q, k=k_slc.to(dtype), v=v_slc.to(dtype), gates=gates, k_win=k_win.to(dtype), v_win=v_win.to(dtype))
+        if with_compressed:
+            ends = torch.arange(self.config.num_cmp_tokens(x.shape[1]), device=x.device) * d + (l - 1)  # [Tc]
+            k_cmp, v_cmp = self.compress(
+                self.k_compressor.blocks(k_cmp_raw), self.v_compressor.blocks(v_cmp_raw), ends
+            )  # [B, HKV, Tc, Dk], [B, HKV, Tc, Dv]
+            inputs.update(k_cmp=k_cmp.to(dtype), v_cmp=v_cmp.to(dtype))
+        return inputs, (k_cmp_raw.to(dtype), v_cmp_raw.to(dtype))
+
+    # ---- decoding ----------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int, num_layers: int = 1, dtype=None, device=None) -> NSACache:
+        """An empty :class:`flexnsa.NSACache` laid out for this module (``num_layers`` such layers):
+        window K/V kept separately when the window branch has its own projection, phi's pre-RoPE input
+        kept for the compressed tokens still to come."""
+        weight = self.q_proj.weight
+        return NSACache(
+            self.config, num_layers, batch_size, self.num_kv_heads, max_len, self.qk_head_dim, self.v_head_dim,
+            share_window_kv="win" not in self.kv_branches, separate_cmp_raw=True,
+            dtype=weight.dtype if dtype is None else dtype, device=weight.device if device is None else device,
         )
 
-    def forward(self, x: torch.Tensor, mask_mod=None) -> torch.Tensor:
-        """``x [B, T, dim] -> [B, T, dim]``. ``mask_mod``: optional extra pattern over raw positions
-        (FlexAttention's signature, e.g. a document mask for packed sequences), see
-        :func:`flexnsa.nsa_attention`."""
+    def _forward_cached(self, x: torch.Tensor, cache: NSACache, layer_idx: int, prefill: bool) -> torch.Tensor:
+        """Prefill (fills the cache, full-sequence NSA) or a step of ``T_new`` tokens after the cache's."""
+        if prefill:
+            inputs, (k_raw, v_raw) = self._project(x, torch.arange(x.shape[1], device=x.device), True)
+            if cache.share_window_kv:  # the window branch reads the selection K/V
+                del inputs["k_win"], inputs["v_win"]
+            return nsa_prefill(**inputs, cache=cache, layer_idx=layer_idx, k_cmp_raw=k_raw, v_cmp_raw=v_raw,
+                               config=self.config, scale=self.scale)
+        positions = cache.next_positions(x.shape[1], layer_idx)  # [T_new], on the device: no host sync
+        inputs, (k_raw, v_raw) = self._project(x, positions, False)
+        win = {} if cache.share_window_kv else dict(k_win=inputs["k_win"], v_win=inputs["v_win"])
+        return nsa_decode(inputs["q"], inputs["k"], inputs["v"], inputs["gates"], cache, layer_idx, self.compress,
+                          **win, k_cmp_raw=k_raw, v_cmp_raw=v_raw, config=self.config, scale=self.scale)
+
+    def forward(self, x: torch.Tensor, mask_mod=None, cache: NSACache | None = None, layer_idx: int = 0,
+                prefill: bool = False) -> torch.Tensor:
+        """``x [B, T, dim] -> [B, T, dim]``.
+
+        ``mask_mod``: optional extra pattern over raw positions (FlexAttention's signature, e.g. a
+        document mask for packed sequences), see :func:`flexnsa.nsa_attention`.
+        ``cache`` (:meth:`new_cache`): with ``prefill=True`` the sequence is a prompt that fills layer
+        ``layer_idx`` of the cache; otherwise ``x`` holds the ``T_new`` tokens that follow the cached ones
+        (one token, or a few, attended causally), exactly as the full-sequence forward would compute them.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a tensor [B, T, dim={self.dim}], got {shape}")
         if x.shape[1] < 1:
             raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
+        if cache is not None:
+            if mask_mod is not None:
+                raise ValueError("mask_mod is not supported with a cache")
+            with torch.autocast(x.device.type, enabled=False):
+                o = self._forward_cached(x, cache, layer_idx, prefill)  # [B, HQ, T, Dv]
+            return self.o_proj(o.transpose(1, 2).flatten(2))  # [B, T, dim]
         inputs = self.branch_inputs(x)
         # Autocast would run the attention's matrix products (and so its softmax statistics) in the low
         # dtype; with it off, the inputs keep autocast's dtype and the statistics stay in float32.
