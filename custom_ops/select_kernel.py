@@ -255,6 +255,7 @@ def _select_topn_kernel_v2(
     NUM_LOCAL: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    TRANS: tl.constexpr,  # k_cmp @ q^T (needs HEAD_STEP == G_PAD)
 ):
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # longest (latest) query tiles first
     pid_bg = tl.program_id(1)
@@ -308,7 +309,20 @@ def _select_topn_kernel_v2(
         # every token of the chunk visible to every query of the tile: no mask (rows past T or past
         # the group have lse = +inf, p = 0)
         full = (j0 * R - (M - 1) >= 0) & ((j0 * R - (M - 1) + BLOCK_C - 1) * CMP_STRIDE + CMP_BLOCK - 1 <= t0)
-        if HEAD_STEP == G_PAD:
+        if TRANS:  # tokens x (query, head): a query's heads lie along the accumulator's columns
+            logits_t = mma(kc_a, tl.trans(q_a), IEEE, UPCAST)  # [BLOCK_C, ROWS]
+            if D_B > 0:
+                logits_t += mma(kc_b, tl.trans(q_b), IEEE, UPCAST)
+            probs_t = tl.exp2(logits_t * scale_log2 - lse_res[None, :])
+            if not full:
+                visible_t = tok_ok[:, None] & (tok[:, None] * CMP_STRIDE + CMP_BLOCK - 1 <= row_t[None, :])
+                probs_t = tl.where(visible_t, probs_t, 0.0)  # [BLOCK_C, ROWS]
+            group_probs_t = tl.sum(tl.reshape(probs_t, (BLOCK_C, BLOCK_T, HEAD_STEP)), axis=2)  # [C, BLOCK_T]
+            kc_a = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, 0, D_A, DK)
+            if D_B > 0:
+                kc_b = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, D_A, D_B, DK)
+            group_probs = tl.trans(group_probs_t)  # [BLOCK_T, BLOCK_C]
+        elif HEAD_STEP == G_PAD:
             logits = mma(q_a, tl.trans(kc_a), IEEE, UPCAST)  # [ROWS, BLOCK_C]
             if D_B > 0:
                 logits += mma(q_b, tl.trans(kc_b), IEEE, UPCAST)
@@ -434,6 +448,7 @@ def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block:
         BLOCKS_PER_CHUNK=per_chunk,
         R=r,
         M=m,
+        TRANS=bool(tuning.get("TRANS", False)) and head_step == g_pad,
         num_warps=tuning.get("num_warps", 8 if block_t * head_step >= 128 else 4),
         num_stages=tuning.get("num_stages", 2),
         **({"maxnreg": tuning["maxnreg"]} if "maxnreg" in tuning else {}),

@@ -524,7 +524,8 @@ SWEEP = {
     "selected_fwd": [{"num_warps": 4, "num_stages": 1}, {"num_warps": 4, "num_stages": 3},
                      {"num_warps": 8, "num_stages": 2}, {"num_warps": 2, "num_stages": 2}],
     "select": [{"BLOCK_T": 32}, {"BLOCK_C": 128}, {"num_warps": 4}, {"num_stages": 3}],
-    "select_v2": [{"BLOCK_C": 128}, {"maxnreg": 128}, {"BLOCK_T": 32}, {"num_warps": 4}, {"BLOCK_C": 32}],
+    "select_v2": [{"BLOCK_C": 128}, {"maxnreg": 128}, {"TRANS": True}, {"BLOCK_T": 32}, {"num_warps": 4},
+                  {"BLOCK_C": 32}],
     "selected_dq": [{"num_warps": 8, "num_stages": 2}, {"num_warps": 4, "num_stages": 3}],
     "selected_dkv": [{"ROWS": 128}, {"num_warps": 4}, {"CHUNK": 256}, {"num_stages": 1}],
 }  # fmt: skip

@@ -386,11 +386,12 @@ def test_interp_select_kernel_paper_blocks_many_candidates(impl, monkeypatch):
 @pytest.mark.parametrize(
     "tuning, G, Dk, ties",
     [({"BLOCK_C": 128}, 16, 40, None), ({"BLOCK_T": 256, "BLOCK_C": 32}, 16, 24, "periodic"),
-     ({"BLOCK_T": 32}, 3, 8, "zero_q")],
+     ({"BLOCK_T": 32}, 3, 8, "zero_q"), ({"TRANS": True}, 4, 24, None)],
 )  # fmt: skip
 def test_interp_select_v2_tiles(tuning, G, Dk, ties, monkeypatch):
     """v2 with other tiles: wider chunks (31 blocks), query heads in two dots (q tile too large to
-    keep), a head dim split 32 + 16, several query tiles; exact ties and many chunks."""
+    keep), a head dim split 32 + 16, several query tiles, the transposed product (``TRANS``);
+    exact ties and many chunks."""
     from flexnsa.custom_ops import kernel_utils
 
     monkeypatch.setenv("FLEXNSA_SELECT_IMPL", "v2")
