@@ -68,7 +68,7 @@ def _cmp_partial_kernel(
     len_ptr,
     o_part_ptr, m_part_ptr, l_part_ptr,  # [rows, HQ, NSPLIT, DV], [rows, HQ, NSPLIT] x2, fp32
     sc_part_ptr, tmax_ptr,  # [rows, HQ, NTILES, BJS], [rows, HQ, NTILES], fp32
-    scale, T_NEW, HQ,
+    scale: tl.constexpr, T_NEW, HQ,  # constexpr: inductor would pass a python float as fp64
     G: tl.constexpr, G_PAD: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
@@ -246,7 +246,7 @@ def _slc_win_partial_kernel(
     kw_ptr, vw_ptr, skw_b, skw_h, skw_t, svw_b, svw_h, svw_t,
     cand_ptr, idx_ptr, len_ptr,  # packed candidates [rows, HKV, NCHUNK, N_SEL]; int32 [B, HKV, T_NEW, N_SEL]
     o_part_ptr, m_part_ptr, l_part_ptr,  # [rows, HQ, NPROG, DV], [rows, HQ, NPROG] x2, fp32
-    scale, T_NEW, HQ, HKV,
+    scale: tl.constexpr, T_NEW, HQ, HKV,  # constexpr: inductor would pass a python float as fp64
     G: tl.constexpr, G_PAD: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     SLC: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, SPP: tl.constexpr,

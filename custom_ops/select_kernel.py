@@ -53,7 +53,7 @@ def _select_topn_kernel(
     T,
     Tc,
     HKV,
-    scale,
+    scale: tl.constexpr,  # constexpr: inductor passes a python float as an fp64 scalar (H200, torch 2.11)
     stride_qb,
     stride_qh,
     stride_qt,
@@ -222,7 +222,7 @@ def _select_topn_kernel_v2(
     T,
     Tc,
     HKV,
-    scale_log2,  # scale * log2(e)
+    scale_log2: tl.constexpr,  # scale * log2(e); constexpr: inductor would pass an fp64 scalar
     stride_qb,
     stride_qh,
     stride_qt,
