@@ -32,8 +32,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, confi
             compressed branch's attention weights.
         config: :class:`flexnsa.NSAConfig` (None: paper defaults); scale: ``1/sqrt(Dk)`` if None.
     Returns:
-        ``int32 [B, HKV, T, n]`` selected blocks, unused slots ``-1``, slot order unspecified (the
-        Triton kernel writes them by descending score). No gradient.
+        ``int32 [B, HKV, T, n]`` selected blocks, unused slots ``-1``, slot order unspecified (the v1 kernel writes them by descending score; v2, the default, in no order, ``-1`` in any slot). No gradient.
     """
     config = check_config(config)
     dims = check_qk(q, k_cmp, config)
