@@ -9,7 +9,8 @@ Both validate their inputs (``ValueError`` naming the argument) and dispatch to 
   (:mod:`flexnsa.custom_ops`). On CUDA everything runs compiled, forward and backward. On the CPU
   each piece takes its own CPU path (the compressed branch the reference, since compiled CPU
   FlexAttention returns no log-sum-exp; the ops their pure-PyTorch bodies).
-- ``"auto"``: ``"flex"`` for float16/bfloat16/float32 CUDA tensors, else ``"reference"`` (on the CPU
+- ``"auto"``: ``"flex"`` for float16/bfloat16/float32 CUDA tensors with head dims >= 16 and no user
+  ``mask_mod``, else ``"reference"`` (on the CPU
   the reference is the training path, and faster than the pieces above at the lengths a CPU runs).
 """
 
@@ -26,16 +27,25 @@ __all__ = ["nsa_attention", "select_blocks", "BACKENDS"]
 BACKENDS = ("auto", "reference", "flex")
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, mask_mod=None) -> str:
+# FlexAttention's CUDA kernels need head dims of at least 16 (inductor: "embedding dimension of the
+# query, key, and value must be at least 16", seen on the H200 with torch 2.11).
+MIN_FLEX_HEAD_DIM = 16
+
+
+def _resolve_backend(backend: str, q: torch.Tensor, mask_mod=None, v_dim: int | None = None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    small_dims = min(q.shape[-1], q.shape[-1] if v_dim is None else v_dim) < MIN_FLEX_HEAD_DIM
+    if backend == "flex" and q.device.type == "cuda" and small_dims:
+        raise ValueError(f"backend='flex' on CUDA needs head dims >= {MIN_FLEX_HEAD_DIM} (FlexAttention), got "
+                         f"Dk={q.shape[-1]}, Dv={v_dim}")
     if mask_mod is not None and not callable(mask_mod):
         raise ValueError(f"mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool tensor, got {mask_mod!r}")
     if mask_mod is not None and backend == "flex":
         raise ValueError("mask_mod is supported by backend='reference' (or 'auto') only: the Triton selection "
                          "kernels do not take a user pattern yet")
     if backend == "auto":
-        fast = q.device.type == "cuda" and q.dtype != torch.float64 and mask_mod is None
+        fast = q.device.type == "cuda" and q.dtype != torch.float64 and mask_mod is None and not small_dims
         return "flex" if fast else "reference"
     return backend
 
@@ -92,7 +102,7 @@ def nsa_attention(
     dims = check_nsa_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win)
     if block_indices is not None:
         check_block_indices(block_indices, dims, config)
-    if _resolve_backend(backend, q, mask_mod) == "flex":
+    if _resolve_backend(backend, q, mask_mod, dims.v_dim) == "flex":
         return _nsa_flex(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_indices)
     return reference.nsa_attention(
         q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_indices=block_indices, mask_mod=mask_mod

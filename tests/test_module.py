@@ -304,7 +304,8 @@ def test_inductor_compiled_inference_matches_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_compiled_model_trains():
     torch._dynamo.reset()
-    model = _small_model().cuda()
+    model = _small_model(head_dim=16).cuda()  # FlexAttention on CUDA needs head dims >= 16
+    assert model.blocks[0].attn.backend == "auto"
     compiled = torch.compile(model, fullgraph=True)
     tokens = torch.randint(0, 40, (2, 300), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
