@@ -88,6 +88,14 @@ def _check_compressed_inputs(q, k_cmp, v_cmp, config: NSAConfig):
     return dims
 
 
+def _zeros_in_graph(shape, *inputs: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``shape`` that autograd sees as a function of ``inputs`` (exact zero gradients), so that
+    ``torch.autograd.grad`` over an empty branch gives zeros instead of "not used in the graph". The
+    link is a sum over empty slices: exactly 0, whatever the inputs hold."""
+    link = sum(x.flatten()[:0].sum() for x in inputs)
+    return inputs[0].new_zeros(shape) + link.to(inputs[0].dtype)
+
+
 def _default_scale(scale, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
@@ -142,7 +150,7 @@ def sliding_window_attention(q, k, v, window, scale=None, *, mask_mod=None, _pat
     Dv = v.shape[-1]
     scale = _default_scale(scale, Dk)
     if window == 0:
-        return q.new_zeros(B, HQ, T, Dv)  # [B, HQ, T, Dv]
+        return _zeros_in_graph((B, HQ, T, Dv), q, k, v)  # [B, HQ, T, Dv]
     path = choose_path(q.device, q.dtype, _needs_grad(q, k, v), False, _path)
     if path == "reference":
         if mask_mod is None:
@@ -314,7 +322,7 @@ def compressed_attention(
     Tc, Dv = dims.num_cmp, v_cmp.shape[-1]
     scale = _default_scale(scale, Dk)
     if Tc == 0:  # T < l: no compressed token, nothing to launch
-        out = q.new_zeros(B, HQ, T, Dv)  # [B, HQ, T, Dv]
+        out = _zeros_in_graph((B, HQ, T, Dv), q, k_cmp, v_cmp)  # [B, HQ, T, Dv]
         lse = torch.full(
             (B, HQ, T), float("-inf"), device=q.device, dtype=reference.accumulation_dtype(q.dtype)
         )

@@ -416,3 +416,22 @@ def test_cuda_forward_backward_match_reference(dtype):
         assert_within_reference_error(out, exact, lowp, dtype, f"{name} o")
         for g, e, lp in zip(grads, exact_grads, lowp_grads):
             assert_within_reference_error(g, e, lp, dtype, f"{name} grad")
+
+
+@pytest.mark.parametrize("branch", ["compressed", "window"])
+def test_empty_branch_has_zero_gradients(branch):
+    """T < l (no compressed token) and window 0 return zeros that autograd still sees as a function of
+    the inputs: torch.autograd.grad gives exact zeros (on the H200 it raised "not used in the graph")."""
+    cfg = flexnsa.NSAConfig()
+    q = torch.randn(1, 3, 20, 64, requires_grad=True)
+    if branch == "compressed":
+        k = torch.randn(1, 1, 0, 64, requires_grad=True)
+        v = torch.randn(1, 1, 0, 32, requires_grad=True)
+        out = flexnsa.compressed_attention(q, k, v, cfg)
+    else:
+        k = torch.randn(1, 1, 20, 64, requires_grad=True)
+        v = torch.randn(1, 1, 20, 32, requires_grad=True)
+        out = flexnsa.sliding_window_attention(q, k, v, 0)
+    assert torch.equal(out, torch.zeros_like(out))
+    for grad in torch.autograd.grad(out.square().sum() + out.sum(), (q, k, v)):
+        assert torch.equal(grad, torch.zeros_like(grad))
