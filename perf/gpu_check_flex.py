@@ -22,7 +22,6 @@ Writes ``gpu_check_flex.json`` and ``gpu_check_flex.md`` under ``$OUT`` (default
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -34,29 +33,12 @@ import traceback
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _import_flexnsa():
-    """``import flexnsa`` from an installed package or from this checkout (where pyproject's
-    mapping of ``masks/`` to ``flexnsa.masks`` is done here by hand)."""
-    if importlib.util.find_spec("flexnsa") is None:
-        sys.path.insert(0, str(REPO_ROOT))
-        for name, folder in (("flexnsa.masks", "masks"), ("flexnsa.custom_ops", "custom_ops")):
-            init = REPO_ROOT / folder / "__init__.py"
-            if name in sys.modules or not init.is_file():
-                continue
-            spec = importlib.util.spec_from_file_location(
-                name, init, submodule_search_locations=[str(init.parent)]
-            )
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-    import flexnsa  # noqa: F401
-
-    return flexnsa
 
 
 import torch  # noqa: E402
 
-flexnsa = _import_flexnsa()
+import flexnsa  # noqa: E402  (installed: pip install -e .)
+
 from flexnsa import flex_branches as fb  # noqa: E402
 from flexnsa import reference  # noqa: E402
 

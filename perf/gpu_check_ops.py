@@ -36,7 +36,6 @@ rewritten after every stage (a time-out keeps what was done), and prints the sum
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -48,27 +47,12 @@ import traceback
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _import_flexnsa():
-    """``import flexnsa`` from an installed package or from this checkout (mapping ``masks/`` and
-    ``custom_ops/`` to ``flexnsa.masks`` / ``flexnsa.custom_ops`` by hand, as pyproject does)."""
-    if importlib.util.find_spec("flexnsa") is None:
-        sys.path.insert(0, str(REPO_ROOT))
-        for name, folder in (("flexnsa.masks", "masks"), ("flexnsa.custom_ops", "custom_ops")):
-            init = REPO_ROOT / folder / "__init__.py"
-            if name in sys.modules or not init.is_file():
-                continue
-            spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-    import flexnsa  # noqa: F401
-
-    return flexnsa
 
 
 import torch  # noqa: E402
 
-flexnsa = _import_flexnsa()
+import flexnsa  # noqa: E402  (installed: pip install -e .)
+
 import flexnsa.custom_ops as custom_ops  # noqa: E402
 from flexnsa import reference  # noqa: E402
 from flexnsa.custom_ops import kernel_utils  # noqa: E402

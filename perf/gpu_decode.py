@@ -39,7 +39,6 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import flexnsa  # noqa: E402
 from flexnsa import reference  # noqa: E402

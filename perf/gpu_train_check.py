@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -37,27 +36,13 @@ import traceback
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _import_flexnsa():
-    """``import flexnsa`` installed, or from this checkout (mapping ``masks/``, ``custom_ops/`` by hand)."""
-    if importlib.util.find_spec("flexnsa") is None:
-        sys.path.insert(0, str(REPO_ROOT))
-        for name, folder in (("flexnsa.masks", "masks"), ("flexnsa.custom_ops", "custom_ops")):
-            init = REPO_ROOT / folder / "__init__.py"
-            if name in sys.modules or not init.is_file():
-                continue
-            spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-    import flexnsa
-
-    return flexnsa
 
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-flexnsa = _import_flexnsa()
+import flexnsa  # noqa: E402  (installed: pip install -e .)
+
 from flexnsa import functional  # noqa: E402
 from flexnsa.model import NSALanguageModel  # noqa: E402
 from flexnsa.module import NativeSparseAttention  # noqa: E402
