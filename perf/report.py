@@ -262,15 +262,18 @@ def run_point(runner: Runner, shape, seq_len: int, config, pieces: list[tuple[st
 
 
 def passes(device: torch.device, args) -> list[list[tuple[str, str, object, bool]]]:
-    """Pass 1, the headline: NSA and the baselines at every point; pass 2: stages and module.
-    Should the time budget run out, it is the detail that goes missing."""
-    headline = [("nsa", "nsa_attention", _cases.build_nsa, True)]
+    """Pass 1, the headline: NSA, cuDNN and fla-core (the baselines of the targets) at every point;
+    pass 2: the other baselines; pass 3: stages and module. Should the time budget run out, it is the
+    less important figures that go missing."""
     names = _cases.baseline_names(device, args.flex_window)
-    headline += [("baseline", name, _cases.BASELINES[name], False) for name in names]
+    primary = {"sdpa-cudnn", "fla-nsa", "sdpa-cpu"}
+    headline = [("nsa", "nsa_attention", _cases.build_nsa, True)]
+    headline += [("baseline", name, _cases.BASELINES[name], False) for name in names if name in primary]
+    others = [("baseline", name, _cases.BASELINES[name], False) for name in names if name not in primary]
     detail = [] if args.no_stages else [("stage", n, b, True) for n, b in _cases.STAGES.items()]
     if not args.no_module:
         detail.append(("module", "NativeSparseAttention", _cases.build_module, True))
-    return [p for p in (headline, detail) if p]
+    return [p for p in (headline, others, detail) if p]
 
 
 def notes(config, shapes, device) -> list[str]:
@@ -286,7 +289,7 @@ def notes(config, shapes, device) -> list[str]:
         "None between runs; forwards run with autograd recording (training forward).",
         "fwd+bwd = forward + backward to every input (q, k, v, k_cmp, v_cmp, gates for NSA; "
         "q, k, v for the baselines; x and the parameters for the module).",
-        "Stage `combine` times `flexnsa.reference.combine_branches`; stage `scores+top-n` has no "
+        "Stage `combine` times `flexnsa.custom_ops.gated_combine`; stage `scores+top-n` has no "
         "backward (discrete) and counts with its forward in the fwd+bwd sum; stage `selected` uses "
         "the fast top-n's indices (synthetic ones, marked, when it is missing).",
         "Baselines: SDPA full causal attention with GQA (`enable_gqa=True`, else K/V expanded, "
