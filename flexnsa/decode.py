@@ -94,51 +94,6 @@ def _query_positions(cache: NSACache, layer_idx: int, num_new: int) -> torch.Ten
     return cache.lengths[layer_idx] - num_new + torch.arange(num_new, device=cache.device)
 
 
-def _select_at_positions(scores: torch.Tensor, pos: torch.Tensor, config: NSAConfig) -> torch.Tensor:
-    """Top-n of ``scores [B, HKV, T_new, NB]`` for queries at positions ``pos [T_new]``.
-
-    :func:`flexnsa.reference.select_from_scores` with row ``r`` standing at position ``pos[r]``
-    instead of ``r``: eligible ``j <= pos // l'``, forced init/local blocks, ties to the lower index.
-    Returns ``int32 [B, HKV, T_new, n]``, ascending, unused slots ``-1``.
-    """
-    NB, n = scores.shape[-1], config.num_selected
-    own = (pos // config.slc_block)[:, None]  # [T_new, 1]
-    j = torch.arange(NB, device=scores.device)[None, :]  # [1, NB]
-    eligible = j <= own
-    forced = eligible & ((j < config.num_init_blocks) | (j > own - config.num_local_blocks))
-    key = torch.where(eligible, scores, float("-inf"))
-    key = torch.where(forced, float("inf"), key)  # [B, HKV, T_new, NB]
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n]
-    chosen = torch.gather(key, -1, order) > float("-inf")
-    idx = torch.sort(torch.where(chosen, order, NB), dim=-1).values
-    idx = torch.where(idx == NB, -1, idx).to(torch.int32)
-    if idx.shape[-1] < n:
-        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], n - idx.shape[-1]), -1)], dim=-1)
-    return idx
-
-
-def _torch_compressed(q, cache, layer_idx, pos, scale, upcast):
-    """Compressed branch over the whole compressed capacity: ``o_cmp``, ``lse``, logits, visibility."""
-    cfg, layer = cache.config, cache.layers[layer_idx]
-    i = torch.arange(cache.max_cmp, device=q.device)
-    visible = i[None, :] * cfg.cmp_stride + cfg.cmp_block - 1 <= pos[:, None]  # [T_new, max_cmp]
-    o_cmp, lse = reference.masked_attention(q, layer.k_cmp, layer.v_cmp, visible, scale, upcast)
-    return o_cmp, lse, visible
-
-
-def _torch_scores(q, cache, layer_idx, lse, visible, scale) -> torch.Tensor:
-    """Group block scores ``[B, HKV, T_new, NB_max]`` (the reference's ``block_scores``, per position)."""
-    cfg, layer = cache.config, cache.layers[layer_idx]
-    acc = reference.accumulation_dtype(q.dtype)
-    HQ, HKV = q.shape[1], cache.num_kv_heads
-    k_cmp = layer.k_cmp.repeat_interleave(HQ // HKV, dim=1)  # [B, HQ, max_cmp, Dk]
-    logits = (q.to(acc) @ k_cmp.to(acc).transpose(-1, -2)) * scale  # [B, HQ, T_new, max_cmp]
-    lse_safe = torch.where(torch.isinf(lse), 0.0, lse.to(acc))[..., None]
-    probs = torch.where(visible, torch.exp(logits - lse_safe), 0.0)
-    weights = reference.overlap_weights(cfg, cache.max_cmp, cfg.num_blocks(cache.max_len), q.device, acc)
-    return (probs @ weights).unflatten(1, (HKV, HQ // HKV)).sum(dim=2)  # [B, HKV, T_new, NB_max]
-
-
 def torch_decode_step(q, cache, layer_idx, gates, scale, block_indices=None, upcast=True):
     """Pure-PyTorch decode step (inputs assumed valid). Returns ``(o, block_indices)``.
 
@@ -146,23 +101,18 @@ def torch_decode_step(q, cache, layer_idx, gates, scale, block_indices=None, upc
     matrix products in the input dtype (the low-precision reference of the tolerance criterion).
     """
     cfg, layer = cache.config, cache.layers[layer_idx]
-    T_new, groups = q.shape[2], q.shape[1] // cache.num_kv_heads
-    pos = _query_positions(cache, layer_idx, T_new)  # [T_new]
-    o_cmp, lse, visible = _torch_compressed(q, cache, layer_idx, pos, scale, upcast)
+    pos = _query_positions(cache, layer_idx, q.shape[2])  # [T_new]
+    # the reference at the new tokens' positions, over the whole capacity (unwritten rows are invisible)
+    o_cmp, lse = reference.compressed_attention(q, layer.k_cmp, layer.v_cmp, cfg, scale, upcast, positions=pos)
     if block_indices is None:
-        scores = _torch_scores(q, cache, layer_idx, lse, visible, scale)
-        block_indices = _select_at_positions(scores, pos, cfg)
-    s = torch.arange(cache.max_len, device=q.device)  # key positions
-    causal = s[None, :] <= pos[:, None]  # [T_new, max_len]
-    NB = cfg.num_blocks(cache.max_len)
-    slot = torch.where(block_indices < 0, NB, block_indices).long()  # unused -> dummy column NB
-    picked = torch.zeros(*block_indices.shape[:-1], NB + 1, dtype=torch.bool, device=q.device)
-    picked.scatter_(-1, slot, True)  # [B, HKV, T_new, NB + 1]
-    slc_mask = picked[..., s // cfg.slc_block] & causal  # [B, HKV, T_new, max_len]
-    slc_mask = slc_mask.repeat_interleave(groups, dim=1) if groups > 1 else slc_mask
-    o_slc, _ = reference.masked_attention(q, layer.k, layer.v, slc_mask, scale, upcast)
-    win_mask = causal & (pos[:, None] - s[None, :] < cfg.window)  # [T_new, max_len]
-    o_win, _ = reference.masked_attention(q, layer.k_win, layer.v_win, win_mask, scale, upcast)
+        scores = reference.block_scores(
+            q, layer.k_cmp, cfg, scale, lse=lse, positions=pos, num_blocks=cfg.num_blocks(cache.max_len)
+        )  # [B, HKV, T_new, NB_max]
+        block_indices = reference.select_from_scores(scores, cfg, positions=pos)
+    o_slc, _ = reference.selected_attention(q, layer.k, layer.v, block_indices, cfg, scale, upcast, positions=pos)
+    o_win, _ = reference.sliding_window_attention(
+        q, layer.k_win, layer.v_win, cfg.window, scale, upcast, positions=pos
+    )
     return reference.combine_branches(o_cmp, o_slc, o_win, gates), block_indices
 
 

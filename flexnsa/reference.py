@@ -110,29 +110,37 @@ def evaluate_mask_mod(mask_mod, batch: int, heads: int, q_idx: torch.Tensor, kv_
     return torch.as_tensor(allowed, dtype=torch.bool, device=device).expand(batch, heads, len(q_idx), len(kv_idx))
 
 
-def _user_token_mask(mask_mod, q: torch.Tensor, kv_len: int):
+def _query_positions(q: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """int64 ``[T]``: the positions of q's rows, ``0 .. T-1`` unless given (decoding: the new tokens')."""
+    return torch.arange(q.shape[2], device=q.device) if positions is None else positions
+
+
+def _user_token_mask(mask_mod, q: torch.Tensor, kv_len: int, positions=None):
     """The user pattern over raw tokens, ``[B, HQ, T, S]``, or None without one."""
     if mask_mod is None:
         return None
-    pos = torch.arange(max(q.shape[2], kv_len), device=q.device)
-    return evaluate_mask_mod(mask_mod, q.shape[0], q.shape[1], pos[: q.shape[2]], pos[:kv_len])
+    keys = torch.arange(kv_len, device=q.device)
+    return evaluate_mask_mod(mask_mod, q.shape[0], q.shape[1], _query_positions(q, positions), keys)
 
 
 # ---- branch 1: compressed attention ---------------------------------------------------------
-def compressed_visibility(seq_len: int, num_cmp: int, config: NSAConfig, device=None) -> torch.Tensor:
-    """bool ``[T, Tc]``: query t sees compressed token i iff ``i*d + l - 1 <= t``."""
-    t = torch.arange(seq_len, device=device)[:, None]
+def compressed_visibility(
+    seq_len: int, num_cmp: int, config: NSAConfig, device=None, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """bool ``[T, Tc]``: query t sees compressed token i iff ``i*d + l - 1 <= t``; the rows are the
+    queries at ``positions`` (int64 ``[T]``) when given, else ``0 .. seq_len-1``."""
+    t = (torch.arange(seq_len, device=device) if positions is None else positions)[:, None]
     i = torch.arange(num_cmp, device=device)[None, :]
     return i * config.cmp_stride + config.cmp_block - 1 <= t
 
 
-def _compressed_mask(q: torch.Tensor, num_cmp: int, config: NSAConfig, mask_mod=None) -> torch.Tensor:
+def _compressed_mask(q: torch.Tensor, num_cmp: int, config: NSAConfig, mask_mod=None, positions=None):
     """``[T, Tc]`` (or ``[B, HQ, T, Tc]`` with a user pattern): compressed token i is visible to query t
     iff it is causally complete and the pattern allows both its first and its last raw token."""
-    visible = compressed_visibility(q.shape[2], num_cmp, config, q.device)
+    t = _query_positions(q, positions)
+    visible = compressed_visibility(q.shape[2], num_cmp, config, q.device, t)
     if mask_mod is None:
         return visible
-    t = torch.arange(q.shape[2], device=q.device)
     first = torch.arange(num_cmp, device=q.device) * config.cmp_stride
     last = first + config.cmp_block - 1
     B, HQ = q.shape[0], q.shape[1]
@@ -147,14 +155,16 @@ def compressed_attention(
     scale: float | None = None,
     upcast: bool = True,
     mask_mod=None,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Branch 1: ``o_cmp [B, HQ, T, Dv]`` and its log-sum-exp ``lse [B, HQ, T]``.
 
     Queries with ``t < l - 1`` see no compressed token: ``o_cmp = 0``, ``lse = -inf``. An optional
     user ``mask_mod`` (raw positions) hides compressed tokens whose first or last raw token it hides.
+    ``positions`` (int64 ``[T]``): the positions of q's rows when they are not ``0 .. T-1`` (decoding).
     """
     scale = _default_scale(scale, q.shape[-1])
-    visible = _compressed_mask(q, k_cmp.shape[2], config, mask_mod)  # [T, Tc] or [B, HQ, T, Tc]
+    visible = _compressed_mask(q, k_cmp.shape[2], config, mask_mod, positions)  # [T, Tc] or [B, HQ, T, Tc]
     return masked_attention(q, k_cmp, v_cmp, visible, scale, upcast)
 
 
@@ -175,12 +185,15 @@ def block_scores(
     scale: float | None = None,
     lse: torch.Tensor | None = None,
     mask_mod=None,
+    positions: torch.Tensor | None = None,
+    num_blocks: int | None = None,
 ) -> torch.Tensor:
     """Group-summed block scores ``[B, HKV, T, NB]`` (accumulation dtype, no gradient).
 
     ``p[h, t, i] = exp(scale * q_t . k_cmp[i] - lse[h, t])`` over visible ``i``;
     ``score[g, t, j] = sum_{h in group g} sum_i w[i, j] p[h, t, i]``.
     ``lse`` (``[B, HQ, T]``) is the compressed branch's; it is computed when not given.
+    ``positions``: the rows' positions when not ``0 .. T-1``; ``num_blocks``: NB, default ``ceil(T / l')``.
     """
     scale = _default_scale(scale, q.shape[-1])
     B, HQ, T, _ = q.shape
@@ -190,19 +203,21 @@ def block_scores(
         q, k_cmp = q.detach(), k_cmp.detach()
         if lse is None:
             v_dummy = k_cmp.new_zeros(B, HKV, Tc, 1)
-            _, lse = compressed_attention(q, k_cmp, v_dummy, config, scale, mask_mod=mask_mod)
+            _, lse = compressed_attention(q, k_cmp, v_dummy, config, scale, mask_mod=mask_mod, positions=positions)
         logits = (q.to(acc) @ _expand_kv(k_cmp, HQ // HKV).to(acc).transpose(-1, -2)) * scale
-        visible = _compressed_mask(q, Tc, config, mask_mod)  # [T, Tc] or [B, HQ, T, Tc]
+        visible = _compressed_mask(q, Tc, config, mask_mod, positions)  # [T, Tc] or [B, HQ, T, Tc]
         # lse is -inf exactly on rows with nothing visible, where every entry is masked anyway
         lse_safe = torch.where(torch.isinf(lse), 0.0, lse.to(acc))[..., None]
         probs = torch.where(visible, torch.exp(logits - lse_safe), 0.0)  # [B, HQ, T, Tc]
-        weights = overlap_weights(config, Tc, config.num_blocks(T), q.device, acc)  # [Tc, NB]
+        num_blocks = config.num_blocks(T) if num_blocks is None else num_blocks
+        weights = overlap_weights(config, Tc, num_blocks, q.device, acc)  # [Tc, NB]
         scores = probs @ weights  # [B, HQ, T, NB]
         return scores.unflatten(1, (HKV, HQ // HKV)).sum(dim=2)  # [B, HKV, T, NB]
 
 
-def select_from_scores(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
-    """Top-n block indices ``int32 [B, HKV, T, n]`` from group scores ``[B, HKV, T, NB]``.
+def select_from_scores(scores: torch.Tensor, config: NSAConfig, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-n block indices ``int32 [B, HKV, T, n]`` from group scores ``[B, HKV, T, NB]``, row ``r``
+    being the query at ``positions[r]`` (default ``r``).
 
     Eligible blocks of query t: ``j <= t // l'``. Forced: eligible ``j < num_init_blocks`` and
     eligible ``j > t // l' - num_local_blocks``. With at most n eligible blocks all are selected;
@@ -212,7 +227,8 @@ def select_from_scores(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
     T, NB = scores.shape[2], scores.shape[3]
     n = config.num_selected
     device = scores.device
-    own = torch.arange(T, device=device)[:, None] // config.slc_block  # [T, 1]
+    t = torch.arange(T, device=device) if positions is None else positions
+    own = t[:, None] // config.slc_block  # [T, 1]
     j = torch.arange(NB, device=device)[None, :]  # [1, NB]
     eligible = j <= own  # [T, NB]
     forced = eligible & ((j < config.num_init_blocks) | (j > own - config.num_local_blocks))
@@ -243,8 +259,11 @@ def select_blocks(
     return select_from_scores(block_scores(q, k_cmp, config, scale, lse, mask_mod), config)
 
 
-def selection_mask(indices: torch.Tensor, seq_len: int, config: NSAConfig) -> torch.Tensor:
-    """bool ``[B, HKV, T, T]``: token s is read by query t iff its block is selected and ``s <= t``."""
+def selection_mask(
+    indices: torch.Tensor, seq_len: int, config: NSAConfig, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """bool ``[B, HKV, T, S]`` over ``S = seq_len`` keys: token s is read by query t iff its block is
+    selected and ``s <= t``; query rows at ``positions`` (int64 ``[T]``, default ``0 .. T-1``)."""
     B, HKV, T, _ = indices.shape
     NB = config.num_blocks(seq_len)
     idx = torch.where(indices < 0, NB, indices).long()  # unused slots -> dummy column NB
@@ -252,8 +271,9 @@ def selection_mask(indices: torch.Tensor, seq_len: int, config: NSAConfig) -> to
     picked.scatter_(-1, idx, True)
     block_of_key = torch.arange(seq_len, device=indices.device) // config.slc_block  # [S]
     token_picked = picked[..., block_of_key]  # [B, HKV, T, S]
-    pos = torch.arange(seq_len, device=indices.device)
-    return token_picked & (pos[None, :] <= pos[:, None])
+    keys = torch.arange(seq_len, device=indices.device)
+    queries = torch.arange(T, device=indices.device) if positions is None else positions
+    return token_picked & (keys[None, :] <= queries[:, None])
 
 
 def selected_attention(
@@ -265,17 +285,19 @@ def selected_attention(
     scale: float | None = None,
     upcast: bool = True,
     mask_mod=None,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Branch 2 attention: each query reads raw tokens ``s <= t`` of its group's selected blocks
     (and allowed by the user ``mask_mod``, if any).
 
-    ``indices``: ``[B, HKV, T, n]`` block ids, ``-1`` for unused slots. Returns
+    ``indices``: ``[B, HKV, T, n]`` block ids, ``-1`` for unused slots; ``positions``: the rows'
+    positions when not ``0 .. T-1`` (k, v then hold ``S`` tokens). Returns
     ``o_slc [B, HQ, T, Dv]`` and ``lse [B, HQ, T]``.
     """
     scale = _default_scale(scale, q.shape[-1])
     groups = q.shape[1] // k.shape[1]
-    mask = _expand_kv(selection_mask(indices, q.shape[2], config), groups)  # [B, HQ, T, T]
-    user = _user_token_mask(mask_mod, q, k.shape[2])
+    mask = _expand_kv(selection_mask(indices, k.shape[2], config, positions), groups)  # [B, HQ, T, S]
+    user = _user_token_mask(mask_mod, q, k.shape[2], positions)
     return masked_attention(q, k, v, mask if user is None else mask & user, scale, upcast)
 
 
@@ -288,14 +310,15 @@ def sliding_window_attention(
     scale: float | None = None,
     upcast: bool = True,
     mask_mod=None,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Branch 3: attention over raw tokens ``t - w < s <= t`` (and allowed by the user ``mask_mod``).
-    ``window == 0`` gives zeros, lse -inf."""
+    ``window == 0`` gives zeros, lse -inf. ``positions``: the rows' positions when not ``0 .. T-1``."""
     scale = _default_scale(scale, q.shape[-1])
-    pos = torch.arange(q.shape[2], device=q.device)
-    diff = pos[:, None] - pos[None, :]  # t - s, [T, S]
+    keys = torch.arange(k.shape[2], device=q.device)
+    diff = _query_positions(q, positions)[:, None] - keys[None, :]  # t - s, [T, S]
     mask = (diff >= 0) & (diff < window)
-    user = _user_token_mask(mask_mod, q, k.shape[2])
+    user = _user_token_mask(mask_mod, q, k.shape[2], positions)
     return masked_attention(q, k, v, mask if user is None else mask & user, scale, upcast)
 
 

@@ -203,10 +203,12 @@ def check_long_context(config, B, HQ, HKV, S, D, seed):
 
 def check_selection_long(q, c64, idx, idx_ref, scale):
     from flexnsa import decode as dec
+    from flexnsa import reference
 
+    cfg, layer = c64.config, c64.layers[0]
     pos = dec._query_positions(c64, 0, 1)
-    _, lse, visible = dec._torch_compressed(q.double(), c64, 0, pos, scale, True)
-    scores = dec._torch_scores(q.double(), c64, 0, lse, visible, scale)
+    scores = reference.block_scores(q.double(), layer.k_cmp, cfg, scale, positions=pos,
+                                    num_blocks=cfg.num_blocks(c64.max_len))
     return selection_ok(idx, idx_ref, scores, rtol=2e-2)
 
 
