@@ -18,12 +18,14 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.csv"
 
 declare -A CMD LIMIT
-CMD[tests]="python3 -m pytest tests -q -x -m gpu -p no:cacheprovider"; LIMIT[tests]=150
+CMD[tests]="python3 -m pytest tests -q -m gpu -p no:cacheprovider"; LIMIT[tests]=200
 CMD[flex]="python3 perf/gpu_check_flex.py";  LIMIT[flex]=240
 CMD[ops]="python3 perf/gpu_check_ops.py";    LIMIT[ops]=240
 CMD[decode]="python3 perf/gpu_decode.py";    LIMIT[decode]=180
 CMD[train]="python3 perf/gpu_train_check.py"; LIMIT[train]=180
 CMD[report]="python3 perf/report.py";        LIMIT[report]=420
+CMD[profile]="python3 perf/gpu_profile.py";  LIMIT[profile]=200
+CMD[ncu]="bash perf/gpu_ncu.sh";             LIMIT[ncu]=150
 summary=""
 for stage in "$@"; do
   name=${stage%%:*}; limit=${stage#*:}; [ "$limit" = "$stage" ] && limit=${LIMIT[$name]}
