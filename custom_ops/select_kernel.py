@@ -430,7 +430,9 @@ def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block:
     tuning = tuned("select_v2")
     g_pad = triton.next_power_of_2(G)
     d_a, d_b = _head_dim_split(Dk)
-    block_t = tuning.get("BLOCK_T", max(16, 128 // g_pad))
+    # 128 rows (queries x heads) on 4 warps: 2-3 CTAs per SM. 256 rows on 8 warps needed 142 registers
+    # (triton 3.6), one CTA per SM, and ran 1.36x slower at 64k on the H200 (perf/NOTES.md, sweep)
+    block_t = tuning.get("BLOCK_T", max(8, 128 // g_pad))
     head_step = g_pad
     while head_step > 1 and block_t * head_step * (d_a + d_b) > 256 * 256:  # q tile <= 128 KiB in bf16
         head_step //= 2
@@ -449,7 +451,7 @@ def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block:
         R=r,
         M=m,
         TRANS=bool(tuning.get("TRANS", False)) and head_step == g_pad,
-        num_warps=tuning.get("num_warps", 8 if block_t * head_step >= 128 else 4),
+        num_warps=tuning.get("num_warps", 8 if block_t * head_step > 128 else 4),
         num_stages=tuning.get("num_stages", 2),
         **({"maxnreg": tuning["maxnreg"]} if "maxnreg" in tuning else {}),
     )

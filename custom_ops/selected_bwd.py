@@ -370,7 +370,9 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
         **shared,
     )  # fmt: skip
 
-    dkv_opts = tuned("selected_dkv", num_warps=8, num_stages=2, ROWS=64, CHUNK=DKV_CHUNK)
+    # 4 warps: 8 warps needed 207 registers (one CTA per SM, latency-bound); 4 warps ran the whole
+    # backward 1.46x faster at 64k on the H200 (perf/NOTES.md, sweep)
+    dkv_opts = tuned("selected_dkv", num_warps=4, num_stages=2, ROWS=64, CHUNK=DKV_CHUNK)
     rev = build_reverse_index(indices, nb, dkv_opts.pop("CHUNK"))
     g_rows = triton.next_power_of_2(G)
     qb = max(1, dkv_opts.pop("ROWS") // g_rows)

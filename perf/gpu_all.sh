@@ -25,6 +25,7 @@ CMD[decode]="python3 perf/gpu_decode.py";    LIMIT[decode]=180
 CMD[train]="python3 perf/gpu_train_check.py"; LIMIT[train]=180
 CMD[report]="python3 perf/report.py";        LIMIT[report]=420
 CMD[profile]="python3 perf/gpu_profile.py";  LIMIT[profile]=200
+CMD[sweep]="python3 perf/gpu_sweep.py";    LIMIT[sweep]=240
 CMD[ncu]="bash perf/gpu_ncu.sh";             LIMIT[ncu]=150
 summary=""
 for stage in "$@"; do

@@ -1,0 +1,105 @@
+"""Launch-parameter sweep of the selection kernels (``kernel_utils.TUNING``) at the paper shape.
+
+For each kernel and variant (one ``TUNING`` entry at a time): the median time of
+``triton.testing.do_bench`` and, for the select kernel, whether the selected sets equal the default
+variant's (sorted per row; exact: same tiles' arithmetic is not promised, so a mismatch is reported
+as a count, not hidden). Writes ``$OUT/sweep.md`` and ``sweep.json``.
+
+    python perf/gpu_sweep.py [--seq-lens 65536,8192] [--kernels select_v2,selected_fwd,selected_dq,selected_dkv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+import flexnsa
+from flexnsa import custom_ops
+from flexnsa.custom_ops import kernel_utils
+
+VARIANTS = {
+    "select_v2": [{}, {"maxnreg": 128}, {"BLOCK_T": 8, "num_warps": 4}, {"BLOCK_T": 8, "num_warps": 4, "num_stages": 3},
+                  {"BLOCK_C": 32}, {"BLOCK_C": 32, "BLOCK_T": 8, "num_warps": 4}, {"TRANS": True},
+                  {"TRANS": True, "BLOCK_T": 8, "num_warps": 4}, {"num_stages": 3}, {"maxnreg": 128, "num_stages": 3},
+                  {"BLOCK_C": 128}, {"BLOCK_C": 128, "maxnreg": 128}, {"BLOCK_T": 8, "num_warps": 4, "maxnreg": 128}],
+    "selected_fwd": [{}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 4, "num_stages": 4}, {"num_warps": 8, "num_stages": 3}],
+    "selected_dq": [{}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 2}],
+    "selected_dkv": [{}, {"num_stages": 3}, {"ROWS": 32, "num_warps": 4}, {"ROWS": 32, "num_warps": 4, "num_stages": 3},
+                     {"num_warps": 4}, {"ROWS": 128}],
+}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", default="65536,8192")
+    parser.add_argument("--kernels", default=",".join(VARIANTS))
+    parser.add_argument("--budget", type=float, default=150.0)
+    args = parser.parse_args()
+    out_dir = os.environ.get("OUT", "perf/results/tmp")
+    os.makedirs(out_dir, exist_ok=True)
+    t_start = time.time()
+    cfg = flexnsa.NSAConfig()
+    B, HQ, HKV, D = 1, 64, 4, 128
+    scale = D**-0.5
+    rows = []
+    for T in (int(x) for x in args.seq_lens.split(",")):
+        g = torch.Generator(device="cuda").manual_seed(T)
+        randn = lambda *s: torch.randn(*s, generator=g, device="cuda").bfloat16()  # noqa: E731
+        q, k, v = randn(B, HQ, T, D), randn(B, HKV, T, D), randn(B, HKV, T, D)
+        kc, vc = randn(B, HKV, cfg.num_cmp_tokens(T), D), randn(B, HKV, cfg.num_cmp_tokens(T), D)
+        _, lse = flexnsa.compressed_attention(q, kc, vc, cfg, scale=scale, return_lse=True)
+        lse = lse.float().contiguous()
+        kernel_utils.TUNING.clear()
+        idx_ref = custom_ops.select_blocks(q, kc, lse, cfg, scale)
+        ref_sorted = idx_ref.sort(-1).values
+        o, lse_s = custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale)
+        do = randn(*o.shape)
+        calls = {
+            "select_v2": lambda: custom_ops.select_blocks(q, kc, lse, cfg, scale),
+            "selected_fwd": lambda: custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale),
+            "selected_dq": lambda: torch.ops.flexnsa.selected_attention_backward(
+                do, q, k, v, o, lse_s, idx_ref, cfg.slc_block, scale, True),
+            "selected_dkv": lambda: torch.ops.flexnsa.selected_attention_backward(
+                do, q, k, v, o, lse_s, idx_ref, cfg.slc_block, scale, True),
+        }  # fmt: skip
+        for name in args.kernels.split(","):
+            for variant in VARIANTS[name]:
+                if time.time() - t_start > args.budget:
+                    print("budget spent", flush=True)
+                    break
+                kernel_utils.TUNING.clear()
+                kernel_utils.TUNING[name] = dict(variant)
+                row = {"T": T, "kernel": name, "variant": json.dumps(variant)}
+                try:
+                    with torch.no_grad():
+                        out = calls[name]()
+                        if name == "select_v2":
+                            row["rows_differing"] = int((out.sort(-1).values != ref_sorted).any(-1).sum())
+                        row["ms"] = triton.testing.do_bench(calls[name], warmup=25, rep=100, return_mode="median")
+                except Exception as err:  # a variant that does not compile is a finding
+                    row["error"] = repr(err)[:160]
+                kernel_utils.TUNING.clear()
+                rows.append(row)
+                print(row, flush=True)
+        del q, k, v, kc, vc, lse, o, do
+        torch.cuda.empty_cache()
+    md = ["# Launch-parameter sweep (bf16, B=1, HQ=64, HKV=4, D=128, paper config)", "",
+          "| T | kernel | variant | ms | select rows differing from default | error |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['T']} | {r['kernel']} | `{r['variant']}` | {r.get('ms', float('nan')):.3f} | {r.get('rows_differing', '')} | "
+           f"{r.get('error', '')} |" for r in rows]  # fmt: skip
+    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
