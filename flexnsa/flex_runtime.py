@@ -130,9 +130,16 @@ _SMALL_TILES = {
 }
 
 
+# Benchmarks only (perf/gpu_sweep.py): when not None, these kernel_options replace the choice below
+# for every FlexAttention call (each distinct dict compiles once more).
+KERNEL_OPTIONS_OVERRIDE: dict | None = None
+
+
 def kernel_options_for(q: torch.Tensor, v: torch.Tensor):
     """FlexAttention ``kernel_options`` for these inputs: None (inductor's defaults) except for
     float32 on CUDA with a head dim above 128, where the default tiles do not fit."""
+    if KERNEL_OPTIONS_OVERRIDE is not None:
+        return dict(KERNEL_OPTIONS_OVERRIDE)
     if q.device.type == "cuda" and q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 128:
         return dict(_SMALL_TILES)
     return None

@@ -21,17 +21,23 @@ import triton
 
 import flexnsa
 from flexnsa import custom_ops
+from flexnsa import flex_runtime
 from flexnsa.custom_ops import kernel_utils
 
 VARIANTS = {
-    "select_v2": [{}, {"maxnreg": 128}, {"BLOCK_T": 8, "num_warps": 4}, {"BLOCK_T": 8, "num_warps": 4, "num_stages": 3},
-                  {"BLOCK_C": 32}, {"BLOCK_C": 32, "BLOCK_T": 8, "num_warps": 4}, {"TRANS": True},
-                  {"TRANS": True, "BLOCK_T": 8, "num_warps": 4}, {"num_stages": 3}, {"maxnreg": 128, "num_stages": 3},
-                  {"BLOCK_C": 128}, {"BLOCK_C": 128, "maxnreg": 128}, {"BLOCK_T": 8, "num_warps": 4, "maxnreg": 128}],
-    "selected_fwd": [{}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 4, "num_stages": 4}, {"num_warps": 8, "num_stages": 3}],
-    "selected_dq": [{}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 2}],
+    "select_v2": [{}, {"BLOCK_T": 16, "num_warps": 8}, {"maxnreg": 128}, {"num_stages": 1}, {"num_stages": 3},
+                  {"BLOCK_C": 128, "num_warps": 8}, {"BLOCK_C": 32}, {"TRANS": True}],
+    "selected_fwd": [{}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 4, "num_stages": 1}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 4, "num_stages": 4}, {"num_warps": 8, "num_stages": 3}],
+    "selected_dq": [{}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 2}],
+    "flex_cmp_fwd": [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+                     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+                     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}],
+    "flex_win_fwd": [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+                     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}],
     "selected_dkv": [{}, {"num_stages": 3}, {"ROWS": 32, "num_warps": 4}, {"ROWS": 32, "num_warps": 4, "num_stages": 3},
-                     {"num_warps": 4}, {"ROWS": 128}],
+                     {"num_warps": 8}, {"ROWS": 128}, {"ROWS": 128, "num_warps": 8},
+                     {"num_stages": 1}, {"CHUNK": 256}],
 }  # fmt: skip
 
 
@@ -44,6 +50,9 @@ def main() -> int:
     out_dir = os.environ.get("OUT", "perf/results/tmp")
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
+    for name, limit in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512)):
+        if hasattr(torch._dynamo.config, name):  # each kernel_options variant compiles flex once more
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
     cfg = flexnsa.NSAConfig()
     B, HQ, HKV, D = 1, 64, 4, 128
     scale = D**-0.5
@@ -65,6 +74,8 @@ def main() -> int:
             "selected_fwd": lambda: custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale),
             "selected_dq": lambda: torch.ops.flexnsa.selected_attention_backward(
                 do, q, k, v, o, lse_s, idx_ref, cfg.slc_block, scale, True),
+            "flex_cmp_fwd": lambda: flexnsa.compressed_attention(q, kc, vc, cfg, scale=scale, return_lse=True),
+            "flex_win_fwd": lambda: flexnsa.sliding_window_attention(q, k, v, cfg.window, scale=scale),
             "selected_dkv": lambda: torch.ops.flexnsa.selected_attention_backward(
                 do, q, k, v, o, lse_s, idx_ref, cfg.slc_block, scale, True),
         }  # fmt: skip
@@ -74,7 +85,10 @@ def main() -> int:
                     print("budget spent", flush=True)
                     break
                 kernel_utils.TUNING.clear()
-                kernel_utils.TUNING[name] = dict(variant)
+                if name.startswith("flex_"):
+                    flex_runtime.KERNEL_OPTIONS_OVERRIDE = dict(variant) if variant else None
+                else:
+                    kernel_utils.TUNING[name] = dict(variant)
                 row = {"T": T, "kernel": name, "variant": json.dumps(variant)}
                 try:
                     with torch.no_grad():
@@ -85,6 +99,7 @@ def main() -> int:
                 except Exception as err:  # a variant that does not compile is a finding
                     row["error"] = repr(err)[:160]
                 kernel_utils.TUNING.clear()
+                flex_runtime.KERNEL_OPTIONS_OVERRIDE = None
                 rows.append(row)
                 print(row, flush=True)
         del q, k, v, kc, vc, lse, o, do
