@@ -12,13 +12,16 @@ of them.
 2. ``_select_kernel``, grid ``(rows, HKV, n_chunks)``: the compressed ``lse`` per head from the
    split statistics, the group-summed block scores ``sum_h exp(m_tile - lse) * partial`` of a chunk
    of ``TB`` tiles, and that chunk's n best blocks (forced ones first, ties to the lower index) as
-   packed int64 keys ``(score, -block)``: one max-reduction per pick.
+   packed int64 keys ``(score, -block)``, in descending order: each key's rank (the number of larger
+   keys in the chunk, one pairwise comparison) is its slot (``RANK_TOPN``), or one max-reduction per
+   pick (the serial v2 loop).
 3. ``_slc_win_partial_kernel``, grid ``(rows, HKV, np_sel + np_win)``: selection programs merge the
    chunks' candidates into the top-n (program 0 also writes the indices) and attend to ``SPP``
    selected blocks each; window programs attend to ``SPP`` tiles of the window; both write split-K
    partials.
-4. ``_combine_kernel``, grid ``(rows, HQ)``: merges the partials of each branch (separately
-   normalised, NSA_SPEC.md) and applies the gates.
+4. ``_combine_kernel``, grid ``(rows, HQ)``, or ``_combine_group_kernel``, grid ``(rows, HKV)`` with
+   the ``G`` heads of a group as rows: merges the partials of each branch (separately normalised,
+   NSA_SPEC.md) and applies the gates.
 
 Block-score weights: token ``i`` covers the ``R = l/d`` stride segments ``i .. i+R-1``; block ``j``
 is segments ``j*C .. j*C+C-1`` with ``C = l'/d``; ``w[i, j]`` = number of shared segments, which is
@@ -143,6 +146,34 @@ def _block_of_key(key):
 
 
 @triton.jit
+def _store_top_by_rank(key, out, N_SEL: tl.constexpr, N_SEL_PAD: tl.constexpr, TB: tl.constexpr,
+                       BJ: tl.constexpr, BJ_PAD: tl.constexpr):
+    """The chunk's ``N_SEL`` largest keys of ``key [TB, BJ_PAD]`` in descending order to
+    ``out[0 .. N_SEL-1]``, without a loop.
+
+    Lane ``(t, u)`` with ``u < BJ`` packs block ``t*BJ + u``: ``TB*BJ`` distinct blocks, so distinct
+    keys (eligible ones ``>= 2^32``, ineligible ones ``2^31 - 1 - block >= 0``). Padded lanes
+    (``u >= BJ``) get key ``-1``, below all of them. The rank of a key, ``rank_i = #{i' : key_i' >
+    key_i}``, is then a permutation of ``0 .. TB*BJ - 1`` over the real lanes, and their slot
+    (masked scatter, ``rank < N_SEL``); slots ``TB*BJ .. N_SEL-1`` (a chunk with fewer blocks than
+    n) get ``-1``, a disjoint store.
+
+    Same eligible keys in the same slots as the serial loop; where that loop runs past the eligible
+    keys it writes ineligible keys (``2^31 - 1 - j`` of padded lanes too, or ``-1``), this writes
+    ``2^31 - 1 - j`` of real lanes or ``-1``: all ``< 2^32``, block ``-1`` for ``_merge_candidates``."""
+    u = tl.arange(0, BJ_PAD)
+    flat = tl.reshape(tl.where(u[None, :] < BJ, key, -1), [TB * BJ_PAD])  # [TB*BJ_PAD]
+    # [other, own] comparisons summed over axis 0: under the default layout the summed axis stays
+    # in each thread (sm_90, 128-block chunks: 64 registers, 5 barriers; summed over axis 1 it is
+    # a cross-thread reduction per key: 151 registers, 41 barriers)
+    rank = tl.sum((flat[:, None] > flat[None, :]).to(tl.int32), 0)  # [TB*BJ_PAD] larger keys
+    tl.store(out + rank, flat, mask=(flat >= 0) & (rank < N_SEL))
+    if TB * BJ < N_SEL:
+        s = tl.arange(0, N_SEL_PAD)
+        tl.store(out + s, tl.full([N_SEL_PAD], -1, tl.int64), mask=(s >= TB * BJ) & (s < N_SEL))
+
+
+@triton.jit
 def _select_kernel(
     m_part_ptr, l_part_ptr, sc_part_ptr, tmax_ptr,
     cand_ptr,  # int64 [rows, HKV, NCHUNK, N_SEL] packed candidates
@@ -151,7 +182,7 @@ def _select_kernel(
     N_SEL: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
     BJ: tl.constexpr, BJS: tl.constexpr, SPILL: tl.constexpr, TT: tl.constexpr,
     NTILES: tl.constexpr, TB: tl.constexpr, NCHUNK: tl.constexpr, BJ_PAD: tl.constexpr,
-    NSPLIT: tl.constexpr, NS_PAD: tl.constexpr,
+    NSPLIT: tl.constexpr, NS_PAD: tl.constexpr, N_SEL_PAD: tl.constexpr, RANK_TOPN: tl.constexpr,
 ):
     row = tl.program_id(0)
     g = tl.program_id(1)
@@ -190,12 +221,16 @@ def _select_kernel(
     own_block = pos // SLC
     eligible = (j <= own_block) & (u[None, :] < BJ) & (t[:, None] < NTILES)
     forced = eligible & ((j < N_INIT) | (j > own_block - N_LOCAL))
-    key = _pack_key(scores, j, eligible, forced)
+    key = _pack_key(scores, j, eligible, forced)  # [TB, BJ_PAD]
     out = cand_ptr + ((row * HKV + g) * NCHUNK + chunk) * N_SEL
-    for kk in range(N_SEL):  # this chunk's n best, in order
-        best = tl.max(tl.max(key, 1), 0)
-        tl.store(out + kk, best)
-        key = tl.where(key == best, -1, key)
+    # this chunk's n best, in order
+    if RANK_TOPN:
+        _store_top_by_rank(key, out, N_SEL, N_SEL_PAD, TB, BJ, BJ_PAD)
+    else:  # N_SEL serial block-wide max-reductions
+        for kk in range(N_SEL):
+            best = tl.max(tl.max(key, 1), 0)
+            tl.store(out + kk, best)
+            key = tl.where(key == best, -1, key)
 
 
 @triton.jit
@@ -344,3 +379,65 @@ def _combine_kernel(
     o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win
     dv = tl.arange(0, DV_PAD)
     tl.store(out_ptr + b * so_b + h * so_h + r * so_t + dv, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
+
+
+@triton.jit
+def _merge_partials_group(o_ptr, m_ptr, l_ptr, stat_row, head_ok, LO: tl.constexpr, HI: tl.constexpr,
+                          COUNT: tl.constexpr, PAD: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr,
+                          DV_PAD: tl.constexpr):
+    """``_merge_partials`` for the ``G_PAD`` heads at ``stat_row``: per head
+    ``sum_s exp(m_s - m) o_s / sum_s exp(m_s - m) l_s`` over partials ``s = LO .. HI-1`` (of COUNT),
+    ``m = max_s m_s``; 0 when they hold no key. ``[G_PAD, DV_PAD]``; one ``[G_PAD, DV_PAD]`` load
+    per partial (a loop: a ``[G_PAD, PAD, DV_PAD]`` tile would not fit in registers)."""
+    sp = tl.arange(0, PAD)
+    dv = tl.arange(0, DV_PAD)
+    use = head_ok[:, None] & (sp[None, :] >= LO) & (sp[None, :] < HI)  # [G_PAD, PAD]
+    ms = tl.load(m_ptr + stat_row[:, None] * COUNT + sp[None, :], mask=use, other=float("-inf"))
+    ls = tl.load(l_ptr + stat_row[:, None] * COUNT + sp[None, :], mask=use, other=0.0)
+    m_max = tl.max(ms, 1)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # [G_PAD]
+    total = tl.sum(ls * tl.where(use, tl.exp(ms - m_max[:, None]), 0.0), 1)  # [G_PAD]
+    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+    for s in range(LO, HI):
+        m_s = tl.load(m_ptr + stat_row * COUNT + s, mask=head_ok, other=float("-inf"))  # [G_PAD]
+        o_s = tl.load(o_ptr + (stat_row[:, None] * COUNT + s) * DV + dv[None, :],
+                      mask=head_ok[:, None] & (dv[None, :] < DV), other=0.0)  # [G_PAD, DV_PAD]
+        acc += tl.exp(m_s - m_max)[:, None] * o_s
+    return acc / tl.where(total > 0, total, 1.0)[:, None]
+
+
+@triton.jit
+def _combine_group_kernel(
+    co_ptr, cm_ptr, cl_ptr,  # compressed partials [rows, HQ, NSPLIT(, DV)]
+    so_ptr, sm_ptr, sl_ptr,  # selected + window partials [rows, HQ, NPROG(, DV)]
+    gate_ptr, sg_b, sg_h, sg_t, sg_c,
+    out_ptr, so_b, so_h, so_t,
+    T_NEW, HQ,
+    G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    NSPLIT: tl.constexpr, NS_PAD: tl.constexpr,
+    NP_SEL: tl.constexpr, NPROG: tl.constexpr, NP_PAD: tl.constexpr,
+):
+    """``_combine_kernel`` for the ``G`` heads of KV group ``g``: grid ``(rows, HKV)``, the heads as
+    the rows of ``[G_PAD, DV_PAD]`` tiles (16x fewer, larger programs at G=16)."""
+    row = tl.program_id(0)
+    g = tl.program_id(1)
+    b = (row // T_NEW).to(tl.int64)
+    r = row % T_NEW
+    hh = tl.arange(0, G_PAD)
+    head_ok = hh < G
+    heads = g * G + hh  # [G_PAD]
+    stat_row = row * HQ + heads
+    o_cmp = _merge_partials_group(co_ptr, cm_ptr, cl_ptr, stat_row, head_ok, 0, NSPLIT, NSPLIT, NS_PAD,
+                                  G_PAD, DV, DV_PAD)  # [G_PAD, DV_PAD]
+    o_slc = _merge_partials_group(so_ptr, sm_ptr, sl_ptr, stat_row, head_ok, 0, NP_SEL, NPROG, NP_PAD,
+                                  G_PAD, DV, DV_PAD)
+    o_win = _merge_partials_group(so_ptr, sm_ptr, sl_ptr, stat_row, head_ok, NP_SEL, NPROG, NPROG, NP_PAD,
+                                  G_PAD, DV, DV_PAD)
+    gate_base = gate_ptr + b * sg_b + heads * sg_h + r * sg_t  # [G_PAD]
+    g_cmp = tl.load(gate_base, mask=head_ok, other=0.0).to(tl.float32)
+    g_slc = tl.load(gate_base + sg_c, mask=head_ok, other=0.0).to(tl.float32)
+    g_win = tl.load(gate_base + 2 * sg_c, mask=head_ok, other=0.0).to(tl.float32)
+    o = g_cmp[:, None] * o_cmp + g_slc[:, None] * o_slc + g_win[:, None] * o_win  # [G_PAD, DV_PAD]
+    dv = tl.arange(0, DV_PAD)
+    tl.store(out_ptr + b * so_b + heads[:, None] * so_h + r * so_t + dv[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & (dv[None, :] < DV))

@@ -43,6 +43,15 @@ class DecodeTuning:
         kernel resident per SM (sm_90, bf16, D=128, 64-token tiles: 99 registers and 84 KB of
         shared memory with ``cmp_num_stages=3``, so 2 per SM; 51 KB with 2 stages, 4 per SM).
     cmp_num_stages: software-pipelining depth of the compressed kernel's K/V loads.
+    select_topn: how the selection kernel orders a chunk's n best keys (``TB * BJ_PAD`` packed
+        keys, all distinct): ``"rank"`` writes each key to slot ``rank = #{larger keys}`` (one
+        pairwise ``[TB*BJ_PAD, TB*BJ_PAD]`` comparison, a masked scatter); ``"serial"`` (v2) runs n
+        block-wide max-reductions one after the other. Same eligible candidates in the same slots;
+        past them both write ineligible keys (``< 2^32``, block -1), not always the same ones.
+    combine_per_group: the combine kernel runs one program per (query row, KV group), its ``G``
+        heads as the rows of ``[G_PAD, DV]`` tiles (``rows * HKV`` programs), instead of one per
+        (query row, head) (``rows * HQ`` programs of one ``[DV]`` row each). Same math; the sums
+        over partials run in another order, so outputs differ by float rounding only.
 
     v1 defaults (measured 0.127 ms at 64k on the H200) were programs_per_sm=8 for both kernels
     (ceil-rounded: 17 compressed splits, 1088 programs = 4.1 waves of 264 resident CTAs) and one
@@ -57,9 +66,38 @@ class DecodeTuning:
     num_warps: int = 4
     cmp_programs_per_sm: int = 2
     cmp_num_stages: int = 3
+    select_topn: str = "rank"
+    # Off until timed (perf/gpu_decode.py times both; the per-head kernel is the measured one). At
+    # batch 16, HKV=4, 64k: 64 programs of 8 warps (sm_90 compile: 54 registers, ~780 SASS
+    # instructions, 11 barriers; each reads its 16 heads' ~80 KB of partials) instead of 1024 of
+    # 4 warps (32 registers, ~450 instructions, 13 barriers; ~8 per SM): far fewer block-wide
+    # reductions per SM, but only 64 of 132 SMs busy.
+    combine_per_group: bool = False
+
+    def __post_init__(self) -> None:
+        if self.select_topn not in _SELECT_TOPN:
+            raise ValueError(f"DecodeTuning.select_topn must be one of {_SELECT_TOPN}, got {self.select_topn!r}")
+        if not isinstance(self.combine_per_group, bool):
+            raise ValueError(f"DecodeTuning.combine_per_group must be a bool, got {self.combine_per_group!r}")
 
 
+_SELECT_TOPN = ("rank", "serial")
 DEFAULT_TUNING = DecodeTuning()
+
+
+def _tuning_to_ints(tuning: DecodeTuning) -> list[int]:
+    """The tuning as the ``list[int]`` the custom op's schema takes (``select_topn`` as its index
+    in ``_SELECT_TOPN``, bools as 0/1); inverse of :func:`_tuning_from_ints`."""
+    values = dataclasses.asdict(tuning)
+    values["select_topn"] = _SELECT_TOPN.index(tuning.select_topn)
+    return [int(values[f.name]) for f in dataclasses.fields(DecodeTuning)]
+
+
+def _tuning_from_ints(ints) -> DecodeTuning:
+    values = dict(zip((f.name for f in dataclasses.fields(DecodeTuning)), ints))
+    values["select_topn"] = _SELECT_TOPN[values["select_topn"]]
+    values["combine_per_group"] = bool(values["combine_per_group"])
+    return DecodeTuning(**values)
 
 
 def _pow2(x: int, at_least: int = 1) -> int:
@@ -159,12 +197,17 @@ def launch_decode(q, k, v, k_win, v_win, k_cmp, v_cmp, length, gates, cfg, max_l
         num_warps=tuning.num_warps, num_stages=tuning.cmp_num_stages,
     )
     candidates = torch.empty(rows, HKV, p.NCHUNK, cfg.num_selected, device=q.device, dtype=torch.int64)
+    rank_topn = tuning.select_topn == "rank"
+    # the rank top-n compares TB*BJ_PAD keys pairwise: at 4 warps (sm_90) 64 registers for 128 keys,
+    # 128 for 256, spills for 512; 8 warps: 68 (256 keys), 168 (512 keys)
+    select_warps = 8 if rank_topn and p.TB * _pow2(p.BJ) > 128 else 4
     K._select_kernel[(rows, HKV, p.NCHUNK)](
         cmp_m, cmp_l, score_part, tile_max, candidates, length, T_new, HQ, HKV,
         G=p.G, G_PAD=p.G_PAD, CMP_L=cfg.cmp_block, CMP_D=cfg.cmp_stride, SLC=cfg.slc_block,
         N_SEL=cfg.num_selected, N_INIT=cfg.num_init_blocks, N_LOCAL=cfg.num_local_blocks,
         BJ=p.BJ, BJS=BJS, SPILL=p.SPILL, TT=p.TT, NTILES=p.NTILES, TB=p.TB, NCHUNK=p.NCHUNK,
-        BJ_PAD=_pow2(p.BJ), NSPLIT=p.NSPLIT, NS_PAD=_pow2(p.NSPLIT), num_warps=4,
+        BJ_PAD=_pow2(p.BJ), NSPLIT=p.NSPLIT, NS_PAD=_pow2(p.NSPLIT), N_SEL_PAD=_pow2(cfg.num_selected),
+        RANK_TOPN=rank_topn, num_warps=select_warps,
     )
     indices = torch.empty(B, HKV, T_new, cfg.num_selected, device=q.device, dtype=torch.int32)
     nprog = p.NP_SEL + p.NP_WIN
@@ -184,14 +227,18 @@ def launch_decode(q, k, v, k_win, v_win, k_cmp, v_cmp, length, gates, cfg, max_l
         num_warps=tuning.num_warps,
     )
     out = torch.empty(B, HQ, T_new, Dv, device=q.device, dtype=q.dtype)
-    K._combine_kernel[(rows, HQ)](
+    combine_args = (
         cmp_o, cmp_m, cmp_l, sw_o, sw_m, sw_l,
         gates, gates.stride(0), gates.stride(1), gates.stride(2), gates.stride(3),
         out, out.stride(0), out.stride(1), out.stride(2),
         T_new, HQ,
-        DV=Dv, DV_PAD=p.DV_PAD, NSPLIT=p.NSPLIT, NS_PAD=_pow2(p.NSPLIT),
-        NP_SEL=p.NP_SEL, NPROG=nprog, NP_PAD=_pow2(nprog), num_warps=4,
     )
+    combine_sizes = dict(DV=Dv, DV_PAD=p.DV_PAD, NSPLIT=p.NSPLIT, NS_PAD=_pow2(p.NSPLIT),
+                         NP_SEL=p.NP_SEL, NPROG=nprog, NP_PAD=_pow2(nprog))
+    if tuning.combine_per_group:  # [G_PAD, DV] tiles: 8 warps (sm_90, G=16, D=128: 54 registers)
+        K._combine_group_kernel[(rows, HKV)](*combine_args, G=p.G, G_PAD=p.G_PAD, **combine_sizes, num_warps=8)
+    else:
+        K._combine_kernel[(rows, HQ)](*combine_args, **combine_sizes, num_warps=4)
     return out, indices
 
 
@@ -211,7 +258,7 @@ def _decode_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = _config_from_ints(*config)
     return launch_decode(q, k, v, k_win, v_win, k_cmp, v_cmp, length, gates, cfg, max_len, scale,
-                         DecodeTuning(*tuning))
+                         _tuning_from_ints(tuning))
 
 
 @_decode_attention_op.register_fake
@@ -230,5 +277,5 @@ def decode_attention(q, cache, layer_idx: int, gates, scale: float, tuning: Deco
     if torch.compiler.is_compiling():
         cfg_ints = list(dataclasses.astuple(cfg))
         return torch.ops.flexnsa.decode_attention(*args, cfg_ints, cache.max_len, scale,
-                                                  list(dataclasses.astuple(tuning)))
+                                                  _tuning_to_ints(tuning))
     return launch_decode(*args, cfg, cache.max_len, scale, tuning)

@@ -9,6 +9,9 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-perf/results/tmp}
 mkdir -p "$OUT"
+# compile caches inside the (git-ignored) checkout: a warm device machine keeps them between calls
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site

@@ -416,6 +416,11 @@ def main() -> int:
         "slc_tiles_per_program=8": DecodeTuning(slc_tiles_per_program=8),
         "select_chunk_blocks=512": DecodeTuning(select_chunk_blocks=512),
         "num_warps=8": DecodeTuning(num_warps=8),
+        # the v2 selection tail (16 serial max-reductions) against the rank top-n default
+        "select_topn=serial": DecodeTuning(select_topn="serial"),
+        "select_chunk_blocks=512 select_topn=serial": DecodeTuning(select_chunk_blocks=512, select_topn="serial"),
+        # one combine program per (row, KV group) instead of per (row, head)
+        "combine_per_group": DecodeTuning(combine_per_group=True),
     }
     timings, summary = {}, []
     for S in (int(s) for s in args.contexts.split(",")):

@@ -393,6 +393,112 @@ def test_triton_kernels_under_interpreter():
     assert proc.stdout.count("ok ") == 3, proc.stdout
 
 
+_TOPN_SCRIPT = textwrap.dedent(
+    """
+    import sys, dataclasses, torch, flexnsa
+    sys.path.insert(0, {tests_dir!r})
+    from test_decode import Problem
+    from flexnsa.custom_ops import decode_kernels, decode_ops
+
+    captured = []  # the candidates tensor of every selection launch
+    real_select = decode_kernels._select_kernel
+
+    class CaptureSelect:
+        def __getitem__(self, grid):
+            launch = real_select[grid]
+            def run(*args, **kw):
+                captured.append(args[4])
+                return launch(*args, **kw)
+            return run
+
+    decode_kernels._select_kernel = CaptureSelect()
+    T = decode_ops.DecodeTuning
+
+    def step(q, cache, gates, scale, tuning):
+        captured.clear()
+        o, idx = decode_ops.decode_attention(q, cache, 0, gates, scale, tuning)
+        return o, idx, captured[0].clone()
+
+    def run(cfg, B, HKV, G, T_len, D, prompt, steps, seed, **tune):
+        p = Problem(cfg, B, HKV, G, T_len, D, D, dtype=torch.float32, seed=seed)
+        cache = p.new_cache(max_len=T_len + 3)
+        rank, serial = T(select_topn="rank", **tune), T(select_topn="serial", **tune)
+        group = T(select_topn="rank", combine_per_group=True, **tune)
+        plan = decode_ops._plan(cfg, cache.max_len, B, G * HKV, HKV, D, D, p.q.device, rank)
+        n_keys = plan.TB * plan.BJ  # real keys of a chunk
+        assert plan.NCHUNK > 1, plan
+        if prompt:
+            Tc = cfg.num_cmp_tokens(prompt)
+            cache.prefill(0, p.k[:, :, :prompt], p.v[:, :, :prompt], p.k_cmp[:, :, :Tc], p.v_cmp[:, :, :Tc],
+                          **p.window_kv(0, prompt))
+        t, i, short, full = prompt, 0, 0, 0
+        while t < T_len:
+            hi = min(T_len, t + steps[i % len(steps)])
+            sl = slice(t, hi)
+            cache.append(0, p.k[:, :, sl], p.v[:, :, sl], p.compress, **p.window_kv(t, hi))
+            q, gates = p.q[:, :, sl], p.gates[:, :, sl]
+            o_r, idx_r, cand_r = step(q, cache, gates, D ** -0.5, rank)
+            o_s, idx_s, cand_s = step(q, cache, gates, D ** -0.5, serial)
+            o_g, idx_g, _ = step(q, cache, gates, D ** -0.5, group)
+            # the same eligible keys (>= 2^32) in the same slots, ineligible ones (block -1) elsewhere
+            eligible = lambda c: torch.where(c >= 2**32, c, -1)  # noqa: E731
+            assert torch.equal(eligible(cand_r), eligible(cand_s)), (t, cand_r, cand_s)
+            assert (cand_r >= -1).all() and (cand_s >= -1).all()
+            assert torch.equal(idx_r, idx_s) and torch.equal(o_r, o_s), t
+            assert torch.equal(idx_g, idx_r), t
+            torch.testing.assert_close(o_g, o_r, rtol=1e-6, atol=1e-6)
+            if i == 0:  # the torch.compile path: the op with the tuning encoded as ints
+                layer = cache.layers[0]
+                o_op, idx_op = torch.ops.flexnsa.decode_attention(
+                    q, layer.k, layer.v, layer.k_win, layer.v_win, layer.k_cmp, layer.v_cmp,
+                    cache.lengths[0:1], gates, list(dataclasses.astuple(cfg)), cache.max_len, D ** -0.5,
+                    decode_ops._tuning_to_ints(serial))
+                assert torch.equal(o_op, o_s) and torch.equal(idx_op, idx_s)
+            n_blocks = (hi - 1) // cfg.slc_block + 1  # eligible blocks of the last row
+            short += n_blocks < cfg.num_selected
+            full += n_blocks >= cfg.num_selected
+            t, i = hi, i + 1
+        assert short and full, (short, full)  # rows with fewer than n eligible blocks, and with n or more
+        print("ok", G, plan.BJ, plan.TB, plan.NCHUNK, n_keys, cfg.num_selected, i)
+
+    # G=3, a chunk of one 2-block tile for n=3: the -1 fill of the slots past the chunk's keys
+    run(flexnsa.NSAConfig(8, 4, 8, 3, 1, 1, 6), 1, 2, 3, 30, 5, 6, [1, 6, 2], seed=1,
+        cmp_tile_tokens=4, select_chunk_blocks=2, slc_tiles_per_program=1)
+    # G=16, 3 blocks per tile padded to 4 (padded lanes dropped), 2 tiles per chunk: 6 keys for n=8;
+    # window off (no window programs to combine)
+    run(flexnsa.NSAConfig(8, 4, 4, 8, 1, 2, 0), 1, 1, 16, 34, 4, 3, [1, 4, 6], seed=2,
+        cmp_tile_tokens=3, select_chunk_blocks=6)
+    # G=1, 2 tiles of 2 blocks per chunk, more keys than n: the scatter alone (and a 2-block spill)
+    run(flexnsa.NSAConfig(16, 4, 8, 3, 0, 1, 9), 1, 2, 1, 48, 4, 10, [1, 5, 2, 9], seed=3,
+        cmp_tile_tokens=4, select_chunk_blocks=4, programs_per_sm=1)
+    """
+)
+
+
+def test_rank_topn_matches_serial_under_interpreter():
+    """select_topn="rank" writes the serial loop's eligible candidates in the same slots (so the
+    same indices and outputs, bit for bit), over steps with fewer and with more than n eligible
+    blocks, several chunks, G 1/3/16; the per-group combine matches the per-head one up to rounding;
+    the op path (torch.compile's) decodes the tuning from ints."""
+    script = _TOPN_SCRIPT.format(tests_dir=os.path.dirname(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok ") == 3, proc.stdout
+
+
+def test_decode_tuning_validates_and_round_trips():
+    from flexnsa.custom_ops.decode_ops import DecodeTuning, _tuning_from_ints, _tuning_to_ints
+
+    with pytest.raises(ValueError, match="select_topn"):
+        DecodeTuning(select_topn="bitonic")
+    with pytest.raises(ValueError, match="combine_per_group"):
+        DecodeTuning(combine_per_group=1)
+    for tuning in (DecodeTuning(), DecodeTuning(select_topn="serial", combine_per_group=True, cmp_splits=5)):
+        ints = _tuning_to_ints(tuning)
+        assert all(type(x) is int for x in ints) and _tuning_from_ints(ints) == tuning
+
+
 # ---- GPU --------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
