@@ -421,6 +421,8 @@ def main() -> int:
         "select_chunk_blocks=512 select_topn=serial": DecodeTuning(select_chunk_blocks=512, select_topn="serial"),
         # one combine program per (row, KV group) instead of per (row, head)
         "combine_per_group": DecodeTuning(combine_per_group=True),
+        "combine_per_group slc_tiles_per_program=8": DecodeTuning(combine_per_group=True, slc_tiles_per_program=8),
+        "select_chunk_blocks=256": DecodeTuning(select_chunk_blocks=256),
     }
     timings, summary = {}, []
     for S in (int(s) for s in args.contexts.split(",")):
