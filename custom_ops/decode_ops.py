@@ -34,7 +34,9 @@ class DecodeTuning:
     cmp_splits: programs per (query row, KV head) over the compressed tokens; 0 = heuristic
         (``floor(SMs * cmp_programs_per_sm / (rows * HKV))``: one full wave, no partial last wave).
     slc_tiles_per_program: selected blocks / window tiles per program of the selected+window
-        kernel; 0 = heuristic (at most 4, while the programs still give ``programs_per_sm`` per SM).
+        kernel; 0 = heuristic (at most 8, while the programs still give ``programs_per_sm`` per SM:
+        batch 16, HKV=4 on 132 SMs gives 8, i.e. 2 selection + 1 window program per group; the
+        H200 step at 64k was 0.1043 ms with 8 against 0.1054 ms with 4, the previous cap).
     select_chunk_blocks: selection blocks scored per program of the selection kernel (each
         program contributes its n best to the final top-n).
     programs_per_sm: target of the selected+window heuristic.
@@ -48,6 +50,8 @@ class DecodeTuning:
         pairwise ``[TB*BJ_PAD, TB*BJ_PAD]`` comparison, a masked scatter); ``"serial"`` (v2) runs n
         block-wide max-reductions one after the other. Same eligible candidates in the same slots;
         past them both write ineligible keys (``< 2^32``, block -1), not always the same ones.
+        "rank" applies to chunks of at most 128 keys (the default ``select_chunk_blocks``); larger
+        chunks use the serial merge, which is faster there.
     combine_per_group: the combine kernel runs one program per (query row, KV group), its ``G``
         heads as the rows of ``[G_PAD, DV]`` tiles (``rows * HKV`` programs), instead of one per
         (query row, head) (``rows * HQ`` programs of one ``[DV]`` row each). Same math; the sums
@@ -62,17 +66,17 @@ class DecodeTuning:
     cmp_splits: int = 0
     slc_tiles_per_program: int = 0
     select_chunk_blocks: int = 128
-    programs_per_sm: int = 2
+    programs_per_sm: int = 1
     num_warps: int = 4
     cmp_programs_per_sm: int = 2
     cmp_num_stages: int = 3
     select_topn: str = "rank"
-    # Off until timed (perf/gpu_decode.py times both; the per-head kernel is the measured one). At
-    # batch 16, HKV=4, 64k: 64 programs of 8 warps (sm_90 compile: 54 registers, ~780 SASS
+    # At batch 16, HKV=4, 64k: 64 programs of 8 warps (sm_90 compile: 54 registers, ~780 SASS
     # instructions, 11 barriers; each reads its 16 heads' ~80 KB of partials) instead of 1024 of
-    # 4 warps (32 registers, ~450 instructions, 13 barriers; ~8 per SM): far fewer block-wide
-    # reductions per SM, but only 64 of 132 SMs busy.
-    combine_per_group: bool = False
+    # 4 warps (32 registers, ~450 instructions, 13 barriers; ~8 per SM). Measured on the H200
+    # (perf/results/h200/decode.md): step 0.1054 -> 0.1005 ms with it, 0.0974 ms with it and 8
+    # selected/window tiles per program.
+    combine_per_group: bool = True
 
     def __post_init__(self) -> None:
         if self.select_topn not in _SELECT_TOPN:
@@ -155,7 +159,7 @@ def _plan(cfg, max_len: int, rows: int, HQ: int, HKV: int, Dk: int, Dv: int, dev
     NW_TILES = -(-cfg.window // BS)
     tiles = cfg.num_selected + NW_TILES
     target = _num_sms(device) * tuning.programs_per_sm
-    SPP = tuning.slc_tiles_per_program or max(1, min(4, (tiles * groups) // target))
+    SPP = tuning.slc_tiles_per_program or max(1, min(8, (tiles * groups) // target))
     return _Plan(
         G=G, G_PAD=_pow2(G, 16), DK_PAD=_pow2(Dk, 16), DV_PAD=_pow2(Dv, 16), C=C, R=R, BJ=BJ,
         SPILL=SPILL, TT=TT, BN=_pow2(TT, 16), NTILES=NTILES, TB=_pow2(TB), NCHUNK=-(-NTILES // _pow2(TB)), TPS=TPS, NSPLIT=NSPLIT, BS=BS, SPP=SPP,
@@ -197,10 +201,12 @@ def launch_decode(q, k, v, k_win, v_win, k_cmp, v_cmp, length, gates, cfg, max_l
         num_warps=tuning.num_warps, num_stages=tuning.cmp_num_stages,
     )
     candidates = torch.empty(rows, HKV, p.NCHUNK, cfg.num_selected, device=q.device, dtype=torch.int64)
-    rank_topn = tuning.select_topn == "rank"
     # the rank top-n compares TB*BJ_PAD keys pairwise: at 4 warps (sm_90) 64 registers for 128 keys,
-    # 128 for 256, spills for 512; 8 warps: 68 (256 keys), 168 (512 keys)
-    select_warps = 8 if rank_topn and p.TB * _pow2(p.BJ) > 128 else 4
+    # 128 for 256, spills for 512. Measured on the H200 (64k, batch 16; 8 warps above 128 keys): 128
+    # keys 0.1054 ms per step (serial 0.1123), but 256 keys 0.417 and 512 keys 0.857 ms (serial
+    # 0.120): above 128 keys per chunk the serial merge runs instead.
+    rank_topn = tuning.select_topn == "rank" and p.TB * _pow2(p.BJ) <= 128
+    select_warps = 4
     K._select_kernel[(rows, HKV, p.NCHUNK)](
         cmp_m, cmp_l, score_part, tile_max, candidates, length, T_new, HQ, HKV,
         G=p.G, G_PAD=p.G_PAD, CMP_L=cfg.cmp_block, CMP_D=cfg.cmp_stride, SLC=cfg.slc_block,

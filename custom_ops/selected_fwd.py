@@ -168,6 +168,7 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
         N=n,
         IEEE=q.dtype == torch.float32,
         UPCAST=upcast_dots(q),
-        **tuned("selected_fwd", num_warps=4 if g_pad * max(dims_pad(Dk), dims_pad(Dv)) <= 16 * 128 else 8, num_stages=2),
+        # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
+        **tuned("selected_fwd", num_warps=2 if g_pad * max(dims_pad(Dk), dims_pad(Dv)) <= 16 * 128 else 8, num_stages=2),
     )
     return out, lse

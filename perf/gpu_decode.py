@@ -412,17 +412,14 @@ def main() -> int:
         "cmp_programs_per_sm=3 cmp_num_stages=2": DecodeTuning(cmp_programs_per_sm=3, cmp_num_stages=2),
         "cmp_programs_per_sm=1 cmp_num_stages=4": DecodeTuning(cmp_programs_per_sm=1, cmp_num_stages=4),
         "cmp_splits=8": DecodeTuning(cmp_splits=8),
-        "slc_tiles_per_program=2": DecodeTuning(slc_tiles_per_program=2),
-        "slc_tiles_per_program=8": DecodeTuning(slc_tiles_per_program=8),
-        "select_chunk_blocks=512": DecodeTuning(select_chunk_blocks=512),
+        "slc_tiles_per_program=4": DecodeTuning(slc_tiles_per_program=4),
         "num_warps=8": DecodeTuning(num_warps=8),
-        # the v2 selection tail (16 serial max-reductions) against the rank top-n default
+        # the previous defaults, one change at a time: serial top-n, per-head combine, 4 tiles/program
         "select_topn=serial": DecodeTuning(select_topn="serial"),
-        "select_chunk_blocks=512 select_topn=serial": DecodeTuning(select_chunk_blocks=512, select_topn="serial"),
-        # one combine program per (row, KV group) instead of per (row, head)
-        "combine_per_group": DecodeTuning(combine_per_group=True),
-        "combine_per_group slc_tiles_per_program=8": DecodeTuning(combine_per_group=True, slc_tiles_per_program=8),
-        "select_chunk_blocks=256": DecodeTuning(select_chunk_blocks=256),
+        "combine per head": DecodeTuning(combine_per_group=False),
+        "session-3 start (serial, per head, 4 tiles)": DecodeTuning(select_topn="serial", combine_per_group=False,
+                                                                    slc_tiles_per_program=4),
+        "select_chunk_blocks=512 (serial merge)": DecodeTuning(select_chunk_blocks=512),
     }
     timings, summary = {}, []
     for S in (int(s) for s in args.contexts.split(",")):
