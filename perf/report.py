@@ -103,7 +103,7 @@ def _auto_backend(device: torch.device) -> str:
 
     resolve = getattr(functional, "_resolve_backend", None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for probe in (torch.empty(1, 1, 1, 1, device=device, dtype=dtype), device):
+    for probe in (torch.empty(1, 1, 1, 128, device=device, dtype=dtype), device):  # head dim of the shapes
         try:
             return f"auto -> {resolve('auto', probe)}"
         except Exception:  # noqa: BLE001 - informational only; the signature is private
@@ -132,7 +132,8 @@ def environment(device: torch.device, argv: list[str]) -> dict:
     header["triton"] = triton.__version__
     header["python"] = platform.python_version()
     header["fla-core"] = _package_version("fla-core")
-    commit = _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT)
+    # FLEXNSA_COMMIT first: a copied checkout (e.g. a remote GPU machine) may carry a stale .git
+    commit = os.environ.get("FLEXNSA_COMMIT") or _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT)
     header["flexnsa"] = f"{flexnsa.__version__}" + (f" (commit {commit})" if commit else "")
     header["nsa_attention backend"] = _auto_backend(device)
     header["command"] = "`python perf/report.py " + " ".join(argv) + "`"

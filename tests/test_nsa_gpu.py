@@ -57,6 +57,9 @@ def test_flex_backend_matches_reference(dtype, G, T, dk, dv, no_tf32):
     low_ref = [x.double() for x in _reference_low(low_inputs, names, cfg, idx, grad_out)]
     for name, f, r, e in zip(["out", *names], fast, low_ref, exact):
         assert torch.isfinite(f).all(), name
+        assert f.shape == e.shape, f"{name}: shape {tuple(f.shape)} != {tuple(e.shape)}"
+        if e.numel() == 0:  # e.g. the k_cmp/v_cmp gradients when T < l (no compressed token)
+            continue
         err_fast = (f.double() - e).abs().max().item()
         err_ref = (r - e).abs().max().item()
         bound = 3 * err_ref + FLOOR[dtype] * max(e.abs().max().item(), 1e-3)
