@@ -303,7 +303,7 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
     """Block -> queries index of a selection ``[B, HKV, T, n]`` (``-1`` = unused), by torch ops.
 
     Keys ``(b * HKV + g) * NB + block`` of all slots are stably sorted; ``entry_t[e]`` is the query
-    of sorted entry ``e``, and key ``k`` owns entries ``[offsets[k], offsets[k+1])``. Each key's
+    of sorted entry ``e`` (``entry_slot[e]`` its slot), and key ``k`` owns entries ``[offsets[k], offsets[k+1])``. Each key's
     list is cut into ``max(1, ceil(len / chunk))`` work items; item ``w`` covers entries
     ``[item_start[w], item_end[w])`` of key ``item_key[w]`` (``>= NUM_KEYS``: nothing to do). Key
     ``k``'s items are ``first_item[k] .. first_item[k] + num_items[k] - 1``. All shapes are static.
@@ -317,6 +317,7 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
     keys = torch.where(flat >= 0, group * num_blocks + flat, num_keys).reshape(-1)  # [L], invalid slots last
     sorted_keys, order = torch.sort(keys, stable=True)  # [L]
     entry_t = ((order // n) % T).to(torch.int32)  # [L]
+    entry_slot = (order % n).to(torch.int32)  # [L] the index slot of each entry
     bounds = torch.arange(num_keys + 1, device=device, dtype=sorted_keys.dtype)
     offsets = torch.searchsorted(sorted_keys, bounds)  # [NUM_KEYS + 1]
     counts = offsets[1:] - offsets[:-1]  # [NUM_KEYS]
@@ -331,6 +332,7 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
     end = torch.minimum(start + chunk, offsets[key_c + 1])
     return dict(
         entry_t=entry_t,
+        entry_slot=entry_slot,
         item_key=item_key.to(torch.int32),
         item_start=start.to(torch.int32),
         item_end=end.to(torch.int32),

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_utils import LOG2E, dims_pad, head_tile, mma, tuned, upcast_dots
+from .kernel_utils import LOG2E, TUNING, dims_pad, head_tile, mma, upcast_dots
 
 __all__ = ["selected_fwd_launch"]
 
@@ -124,6 +124,14 @@ def _selected_fwd_kernel(
 
 def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
     """Runs the forward kernel on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``."""
+    options = dict(TUNING.get("selected_fwd", {}))
+    impl = options.pop("impl", "query")
+    if impl == "blocks":  # opt-in block-centric variant (custom_ops/selected_fwd_blocks.py)
+        from .selected_fwd_blocks import selected_fwd_blocks_launch
+
+        return selected_fwd_blocks_launch(launch, q, k, v, indices, slc_block, scale, options)
+    if impl != "query":
+        raise ValueError(f"TUNING['selected_fwd']['impl'] must be 'query' or 'blocks', got {impl!r}")
     B, HQ, T, Dk = q.shape
     HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
     G = HQ // HKV
@@ -169,6 +177,6 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
         IEEE=q.dtype == torch.float32,
         UPCAST=upcast_dots(q),
         # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
-        **tuned("selected_fwd", num_warps=2 if g_pad * max(dims_pad(Dk), dims_pad(Dv)) <= 16 * 128 else 8, num_stages=2),
+        **{"num_warps": 2 if g_pad * max(dims_pad(Dk), dims_pad(Dv)) <= 16 * 128 else 8, "num_stages": 2, **options},
     )
     return out, lse

@@ -27,7 +27,7 @@ from flexnsa.custom_ops import kernel_utils
 VARIANTS = {
     "select_v2": [{}, {"BLOCK_T": 16, "num_warps": 8}, {"maxnreg": 128}, {"num_stages": 1}, {"num_stages": 3},
                   {"BLOCK_C": 128, "num_warps": 8}, {"BLOCK_C": 32}, {"TRANS": True}],
-    "selected_fwd": [{}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 4, "num_stages": 1}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 4, "num_stages": 4}, {"num_warps": 8, "num_stages": 3}],
+    "selected_fwd": [{}, {"impl": "blocks"}, {"impl": "blocks", "ROWS": 128, "num_warps": 8}, {"impl": "blocks", "CHUNK": 256}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 4, "num_stages": 1}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 4, "num_stages": 4}, {"num_warps": 8, "num_stages": 3}],
     "selected_dq": [{}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 2}],
     "flex_cmp_fwd": [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
@@ -95,6 +95,8 @@ def main() -> int:
                         out = calls[name]()
                         if name == "select_v2":
                             row["rows_differing"] = int((out.sort(-1).values != ref_sorted).any(-1).sum())
+                        if name == "selected_fwd":  # against the default kernel's output
+                            row["max_abs_diff_o"] = float((out[0].float() - o.float()).abs().max())
                         row["ms"] = triton.testing.do_bench(calls[name], warmup=25, rep=100, return_mode="median")
                 except Exception as err:  # a variant that does not compile is a finding
                     row["error"] = repr(err)[:160]
@@ -105,8 +107,8 @@ def main() -> int:
         del q, k, v, kc, vc, lse, o, do
         torch.cuda.empty_cache()
     md = ["# Launch-parameter sweep (bf16, B=1, HQ=64, HKV=4, D=128, paper config)", "",
-          "| T | kernel | variant | ms | select rows differing from default | error |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['T']} | {r['kernel']} | `{r['variant']}` | {r.get('ms', float('nan')):.3f} | {r.get('rows_differing', '')} | "
+          "| T | kernel | variant | ms | select rows differing from default / fwd max abs diff of o | error |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['T']} | {r['kernel']} | `{r['variant']}` | {r.get('ms', float('nan')):.3f} | {r.get('rows_differing', r.get('max_abs_diff_o', ''))} | "
            f"{r.get('error', '')} |" for r in rows]  # fmt: skip
     with open(os.path.join(out_dir, "sweep.md"), "w") as f:
         f.write("\n".join(md) + "\n")

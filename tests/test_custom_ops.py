@@ -447,6 +447,31 @@ def test_interp_dkv_work_items_split_long_lists(atomic, monkeypatch):
     check_attention(q, k, v, idx, cfg)
 
 
+
+@interp_only
+@pytest.mark.parametrize(
+    "G, T, dims, block, n, dtype",
+    [(1, 45, (16, 8), 8, 3, torch.float32), (3, 61, (24, 16), 4, 4, torch.bfloat16),
+     (16, 37, (16, 16), 8, 2, torch.bfloat16), (4, 9, (8, 20), 4, 3, torch.float16)],
+)  # fmt: skip
+def test_interp_block_centric_forward(G, T, dims, block, n, dtype, monkeypatch):
+    """The opt-in block-centric forward (``TUNING["selected_fwd"]["impl"] = "blocks"``): per-block
+    partials over the reverse index (work items of 3 queries, 32 query rows per step), merged per query;
+    ``-1`` slots, odd T, G in {1, 3, 4, 16}; checked with its backward against the reference, and
+    against the query-centric forward (float32: to rounding)."""
+    from flexnsa.custom_ops import kernel_utils
+
+    Dk, Dv = dims
+    cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
+    q, k, v, _, _ = make_problem(cfg, 2, 2, G, T, Dk, Dv, dtype, seed=G + T)
+    idx = random_indices(2, 2, T, n, cfg.num_blocks(T), seed=T)
+    o_query, lse_query = custom_ops.selected_attention(q, k, v, idx, cfg)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"impl": "blocks", "CHUNK": 3, "ROWS": 2 * 16})
+    o_blocks, lse_blocks, _ = check_attention(q, k, v, idx, cfg, seed=G)
+    torch.testing.assert_close(lse_blocks, lse_query, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(o_blocks, o_query, rtol=1e-5, atol=1e-5)
+
 # ---- CUDA --------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @needs_cuda
@@ -464,6 +489,10 @@ def test_gpu_kernels_match_reference(G, dims, dtype, atomic, monkeypatch):
     assert_selection_agrees(idx, reference.select_blocks(q.cpu(), k_cmp.cpu(), cfg, lse=lse.cpu()), q, k_cmp, cfg)
     check_attention(q, k, v, idx, cfg)
     check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=1, device="cuda"), cfg)
+    from flexnsa.custom_ops import kernel_utils
+
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"impl": "blocks"})  # opt-in variant
+    check_attention(q, k, v, idx, cfg)
 
 
 @pytest.mark.gpu
