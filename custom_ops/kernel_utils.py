@@ -46,7 +46,8 @@ def upcast_dots(x: torch.Tensor) -> bool:
 # maxnreg; maxnreg is meant for eager timing, untested under torch.compile), "selected_fwd", "selected_dq",
 # "selected_dkv_reduce" (num_warps, num_stages), "selected_dkv" (num_warps, num_stages, ROWS, CHUNK);
 # "selected_fwd" also takes ``impl``: "query" (default) or "blocks" (custom_ops/selected_fwd_blocks.py,
-# with ROWS and CHUNK; opt-in until measured on a GPU).
+# with ROWS and CHUNK; opt-in until measured on a GPU), "selected_dq" ``impl``: "gather" (default) or
+# "fused" (dq accumulated by the dK/dV kernel with atomics; opt-in until measured).
 # Meant for benchmarks (perf/gpu_check_ops.py sweeps them); empty by default.
 TUNING: dict[str, dict] = {}
 

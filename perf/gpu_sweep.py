@@ -28,7 +28,7 @@ VARIANTS = {
     "select_v2": [{}, {"BLOCK_T": 16, "num_warps": 8}, {"maxnreg": 128}, {"num_stages": 1}, {"num_stages": 3},
                   {"BLOCK_C": 128, "num_warps": 8}, {"BLOCK_C": 32}, {"TRANS": True}],
     "selected_fwd": [{}, {"impl": "blocks"}, {"impl": "blocks", "ROWS": 128, "num_warps": 8}, {"impl": "blocks", "CHUNK": 256}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 4, "num_stages": 1}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 4, "num_stages": 4}, {"num_warps": 8, "num_stages": 3}],
-    "selected_dq": [{}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 2}],
+    "selected_dq": [{}, {"impl": "fused"}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 2}],
     "flex_cmp_fwd": [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},

@@ -472,6 +472,28 @@ def test_interp_block_centric_forward(G, T, dims, block, n, dtype, monkeypatch):
     if dtype == torch.float32:
         torch.testing.assert_close(o_blocks, o_query, rtol=1e-5, atol=1e-5)
 
+
+@interp_only
+@pytest.mark.parametrize("G, atomic, dtype", [(1, False, torch.float32), (3, True, torch.bfloat16), (16, False, torch.bfloat16)])
+def test_interp_fused_dq(G, atomic, dtype, monkeypatch):
+    """The opt-in fused dq (``TUNING["selected_dq"]["impl"] = "fused"``): dq accumulated by the dK/dV
+    kernel with atomics over work items of 3 queries; backward against the reference, and float32
+    equal to the gathering dq kernel up to summation order."""
+    from flexnsa.custom_ops import kernel_utils
+
+    if atomic:
+        monkeypatch.setenv("FLEXNSA_DKV_ATOMIC", "1")
+    cfg = flexnsa.NSAConfig(8, 8, 8, 3, 0, 0)
+    q, k, v, _, _ = make_problem(cfg, 2, 2, G, 53, 16, 24, dtype, seed=G)
+    idx = random_indices(2, 2, 53, 3, cfg.num_blocks(53), seed=G)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 3})
+    _, _, grads_gather = check_attention(q, k, v, idx, cfg, seed=1)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fused"})
+    _, _, grads_fused = check_attention(q, k, v, idx, cfg, seed=1)
+    if dtype == torch.float32:
+        for got, want in zip(grads_fused, grads_gather):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
 # ---- CUDA --------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @needs_cuda
@@ -492,6 +514,8 @@ def test_gpu_kernels_match_reference(G, dims, dtype, atomic, monkeypatch):
     from flexnsa.custom_ops import kernel_utils
 
     monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"impl": "blocks"})  # opt-in variant
+    check_attention(q, k, v, idx, cfg)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fused"})  # opt-in variant
     check_attention(q, k, v, idx, cfg)
 
 
