@@ -389,7 +389,9 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
 def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block: int, scale: float, atomic: bool):
     """Runs the three backward kernels on contiguous inputs; returns ``(dq, dk, dv)`` in the input dtypes.
 
-    ``atomic=False`` is deterministic (partials summed in a fixed order).
+    ``atomic=False``: dK/dV deterministic (partials summed in a fixed order); dq too, except with the
+    opt-in fused dq (``TUNING["selected_dq"]["impl"] = "fused"``), which adds with atomics whatever
+    ``atomic`` says and is switched off only by ``torch.use_deterministic_algorithms(True)``.
     """
     B, HQ, T, Dk = q.shape
     HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
@@ -404,7 +406,10 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     # opt-in (TUNING["selected_dq"] = {"impl": "fused"}, not measured yet): the dK/dV kernel also adds
     # scale * dS @ K into a float32 dq accumulator with atomics (not deterministic, so never under
     # torch.use_deterministic_algorithms), instead of this kernel's second gather of the K/V blocks
-    fused_dq = dq_opts.pop("impl", "gather") == "fused" and not torch.are_deterministic_algorithms_enabled()
+    dq_impl = dq_opts.pop("impl", "gather")
+    if dq_impl not in ("gather", "fused"):  # a typo would silently time the gather kernel
+        raise ValueError(f"TUNING['selected_dq']['impl'] must be 'gather' or 'fused', got {dq_impl!r}")
+    fused_dq = dq_impl == "fused" and not torch.are_deterministic_algorithms_enabled()
     delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
     if fused_dq:
         dq_acc = torch.zeros(B, HQ, T, Dk, dtype=torch.float32, device=q.device)  # [B, HQ, T, Dk], q's strides

@@ -21,9 +21,12 @@ Same result as :mod:`.selected_fwd` (NSA_SPEC.md, branch 2, step 5), computed th
 
 Why: the query-centric kernel reads 16 K/V blocks per (query, group), 139 GB at 64k (paper shape),
 and runs at the L2 bandwidth limit (``perf/NOTES.md``). Here each block is read once per work item
-and the queries are gathered instead: 4.3 GB of q, plus 4.3 GB of bf16 partials written and read
-back. Partials are stored in the input dtype (float32 for float32 inputs), so bf16 results carry
-one more rounding than the query-centric kernel's.
+and the queries are gathered instead: ``B * T * n * HQ * Dk`` elements of q (17.2 GB in bf16 at 64k,
+paper shape: B=1, HQ=64, n=16, Dk=Dv=128), plus ``B * T * n * HQ * Dv`` elements of partials written
+and read back (17.2 GB each way, in a buffer allocated per call; twice that for float32 inputs) and
+0.5 GB of (m, l).
+Partials are stored in the input dtype (float32 for float32 inputs), so bf16 results carry one more
+rounding than the query-centric kernel's.
 
 Opt-in until measured on a GPU: ``kernel_utils.TUNING["selected_fwd"] = {"impl": "blocks"}``
 (optional ``ROWS``, ``CHUNK``, ``num_warps``, ``num_stages``); the backward is unchanged.
@@ -211,6 +214,11 @@ def selected_fwd_blocks_launch(launch, q, k, v, indices, slc_block: int, scale: 
     ``options``: ``ROWS`` (query rows per step, default 64), ``CHUNK`` (queries per work item,
     default :data:`.selected_bwd.DKV_CHUNK`), ``num_warps`` (4), ``num_stages`` (2).
     """
+    unknown = set(options) - {"ROWS", "CHUNK", "num_warps", "num_stages"}
+    if unknown:  # would be dropped silently (the query-centric kernel takes other keys)
+        raise ValueError(
+            f"TUNING['selected_fwd'] with impl 'blocks' takes ROWS, CHUNK, num_warps, num_stages; got {sorted(unknown)}"
+        )
     B, HQ, T, Dk = q.shape
     HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
     G = HQ // HKV

@@ -494,6 +494,176 @@ def test_interp_fused_dq(G, atomic, dtype, monkeypatch):
         for got, want in zip(grads_fused, grads_gather):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
+
+def indices_with_keyless_rows(B, HKV, T, n, num_blocks, seed, dtype=torch.int32):
+    """:func:`random_indices` plus queries that see no key: query ``T // 2`` of every group has only
+    ``-1`` slots and, with two blocks or more, query 0 of the last group selects only the last block
+    (all of its tokens after the query)."""
+    idx = random_indices(B, HKV, T, n, num_blocks, seed)
+    idx[:, :, T // 2] = -1
+    if num_blocks > 1:
+        idx[0, -1, 0] = -1
+        idx[0, -1, 0, -1] = num_blocks - 1
+    return idx.to(dtype)
+
+
+def assert_keyless_rows_zero(o, lse, dq, idx, block):
+    """Queries without a visible key (every slot ``-1`` or after the query): exactly ``o = 0``,
+    ``lse = -inf`` and ``dq = 0``."""
+    t = torch.arange(idx.shape[2])[:, None]  # [T, 1]
+    visible = ((idx >= 0) & (idx.long() * block <= t)).any(-1)  # [B, HKV, T]: a block starting at or before t
+    keyless = ~visible.repeat_interleave(o.shape[1] // idx.shape[1], dim=1)  # [B, HQ, T]
+    assert keyless.any()
+    assert (o[keyless] == 0).all() and (lse[keyless] == -math.inf).all() and (dq[keyless] == 0).all()
+
+
+EDGE_CASES = [  # G, T, (Dk, Dv), l', n, dtype, query rows per step, index dtype
+    (3, 13, (16, 8), 4, 3, torch.float32, 32, torch.int64),  # keyless rows, int64 indices, padded heads
+    (2, 5, (16, 8), 8, 2, torch.bfloat16, 64, torch.int32),  # T shorter than one block (NB = 1)
+    (5, 11, (24, 40), 4, 3, torch.float16, 64, torch.int64),  # Dk, Dv not powers of two, G = 5
+    (16, 19, (16, 16), 8, 2, torch.bfloat16, 128, torch.int32),  # G = 16 with 128 rows per step (8 queries)
+]
+
+
+@interp_only
+@pytest.mark.parametrize("G, T, dims, block, n, dtype, rows, idx_dtype", EDGE_CASES)
+def test_interp_block_centric_forward_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, monkeypatch):
+    """Block-centric forward on the edge cases above (two KV groups, work items of 2 queries), run
+    under ``torch.use_deterministic_algorithms(True)``, which fills ``torch.empty`` with NaN: a merge
+    that read a partial no work item wrote would give NaN. Keyless queries: ``o = 0``, ``lse = -inf``,
+    ``dq = 0``; lse (and float32 o) equal to the query-centric kernel's."""
+    from flexnsa.custom_ops import kernel_utils
+
+    Dk, Dv = dims
+    cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
+    q, k, v, _, _ = make_problem(cfg, 1, 2, G, T, Dk, Dv, dtype, seed=T)
+    idx = indices_with_keyless_rows(1, 2, T, n, cfg.num_blocks(T), seed=G, dtype=idx_dtype)
+    o_query, lse_query = custom_ops.selected_attention(q, k, v, idx, cfg)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"impl": "blocks", "CHUNK": 2, "ROWS": rows})
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        o, lse, grads = check_attention(q, k, v, idx, cfg, seed=G)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert_keyless_rows_zero(o, lse, grads[0], idx, block)
+    torch.testing.assert_close(lse, lse_query, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(o, o_query, rtol=1e-5, atol=1e-5)
+
+
+@interp_only
+@pytest.mark.parametrize("G, T, dims, block, n, dtype, rows, idx_dtype", EDGE_CASES)
+def test_interp_fused_dq_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, monkeypatch):
+    """Fused dq on the edge cases above (two KV groups, work items of 2 queries; atomic dK/dV for
+    the bfloat16 cases): against the reference, keyless queries get ``dq = 0``, and float32 equals
+    the gathering dq kernel up to summation order."""
+    from flexnsa.custom_ops import kernel_utils
+
+    Dk, Dv = dims
+    if dtype == torch.bfloat16:
+        monkeypatch.setenv("FLEXNSA_DKV_ATOMIC", "1")
+    cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
+    q, k, v, _, _ = make_problem(cfg, 1, 2, G, T, Dk, Dv, dtype, seed=T + 1)
+    idx = indices_with_keyless_rows(1, 2, T, n, cfg.num_blocks(T), seed=G + 1, dtype=idx_dtype)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 2, "ROWS": rows})
+    if dtype == torch.float32:
+        _, _, grads_gather = check_attention(q, k, v, idx, cfg, seed=G)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fused"})
+    o, lse, grads = check_attention(q, k, v, idx, cfg, seed=G)
+    assert_keyless_rows_zero(o, lse, grads[0], idx, block)
+    if dtype == torch.float32:
+        for got, want in zip(grads, grads_gather):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@interp_only
+def test_interp_fused_dq_falls_back_when_deterministic(monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the fused dq (atomics) must not run: the
+    gathering dq kernel does, and float32 results are bit-identical to the default path's (6 slots,
+    so the fused sum would differ in order). Without the flag the fused kernels run."""
+    from flexnsa.custom_ops import kernel_utils
+    from flexnsa.custom_ops.selected_bwd import selected_bwd_launch
+
+    cfg = flexnsa.NSAConfig(4, 4, 4, 6, 0, 0)
+    q, k, v, _, _ = make_problem(cfg, 1, 1, 3, 40, 16, 8, torch.float32, seed=7)
+    idx = random_indices(1, 1, 40, 6, cfg.num_blocks(40), seed=7)
+    o, lse = custom_ops.selected_attention(q, k, v, idx, cfg, scale=0.3)
+    grad_out = torch.randn(o.shape, generator=torch.Generator().manual_seed(7))
+    args = (grad_out, q, k, v, o, lse, idx, cfg.slc_block, 0.3)
+    names = []
+
+    def recording_launch(kernel):
+        names.append(kernel.fn.__name__)
+        return kernel
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        gather = torch.ops.flexnsa.selected_attention_backward(*args, True)
+        monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fused"})
+        fallback = torch.ops.flexnsa.selected_attention_backward(*args, True)
+        selected_bwd_launch(recording_launch, *args, atomic=False)
+        assert "_dq_kernel" in names and "_delta_kernel" not in names, names
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for got, want in zip(fallback, gather):
+        assert torch.equal(got, want)
+    names.clear()
+    fused = selected_bwd_launch(recording_launch, *args, atomic=False)
+    assert "_delta_kernel" in names and "_dq_kernel" not in names, names
+    for got, want in zip(fused, gather):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_opt_in_tuning_options_reach_the_kernels(monkeypatch):
+    """The opt-in paths' ``TUNING`` options arrive as launch arguments (recorded, nothing runs), and a
+    misspelt option raises before any launch instead of silently running the default."""
+    from flexnsa.custom_ops import kernel_utils
+    from flexnsa.custom_ops.selected_bwd import selected_bwd_launch
+    from flexnsa.custom_ops.selected_fwd import selected_fwd_launch
+
+    launches = {}
+
+    class RecordingLaunch:  # launch(kernel)[grid](*args, **kwargs): keeps the keywords and the grid
+        def __init__(self, kernel):
+            self.name = kernel.fn.__name__
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.__setitem__(self.name, dict(kwargs, grid=grid))
+
+    B, HKV, G, T, n = 1, 2, 16, 24, 3
+    q, k, v = torch.zeros(B, HKV * G, T, 16), torch.zeros(B, HKV, T, 16), torch.zeros(B, HKV, T, 8)
+    o, lse = torch.zeros(B, HKV * G, T, 8), torch.zeros(B, HKV * G, T)
+    idx = torch.zeros(B, HKV, T, n, dtype=torch.int32)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd",
+                        {"impl": "blocks", "ROWS": 128, "CHUNK": 4, "num_warps": 8, "num_stages": 3})  # fmt: skip
+    selected_fwd_launch(RecordingLaunch, q, k, v, idx, 8, 0.25)
+    part = launches.pop("_block_partial_kernel")
+    assert (part["QB"], part["G_PAD"], part["num_warps"], part["num_stages"]) == (8, 16, 8, 3)
+    assert part["grid"] == (B * HKV * 3 + B * HKV * T * n // 4,)  # 3 blocks; work items of 4 queries
+    assert set(launches) == {"_merge_kernel"}
+    launches.clear()
+
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fused", "num_warps": 2})
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"ROWS": 32, "CHUNK": 4, "num_warps": 8})
+    selected_bwd_launch(RecordingLaunch, o, q, k, v, o, lse, idx, 8, 0.25, atomic=False)
+    dkv = launches["_dkv_kernel"]
+    assert (dkv["FUSED_DQ"], dkv["QB"], dkv["num_warps"], dkv["grid"]) == (True, 2, 8, part["grid"])
+    assert set(launches) == {"_delta_kernel", "_dkv_kernel", "_dkv_reduce_kernel"}
+
+    def no_launch(kernel):
+        raise AssertionError(f"{kernel} launched")
+
+    for options, match in (({"impl": "blocks", "BLOCK_T": 32}, "BLOCK_T"), ({"impl": "block"}, "impl")):
+        monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", options)
+        with pytest.raises(ValueError, match=match):
+            selected_fwd_launch(no_launch, q, k, v, idx, 8, 0.25)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fuse"})
+    with pytest.raises(ValueError, match="selected_dq"):
+        selected_bwd_launch(no_launch, o, q, k, v, o, lse, idx, 8, 0.25, atomic=False)
+
+
 # ---- CUDA --------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @needs_cuda
