@@ -206,14 +206,13 @@ def launch_decode(q, k, v, k_win, v_win, k_cmp, v_cmp, length, gates, cfg, max_l
     # keys 0.1054 ms per step (serial 0.1123), but 256 keys 0.417 and 512 keys 0.857 ms (serial
     # 0.120): above 128 keys per chunk the serial merge runs instead.
     rank_topn = tuning.select_topn == "rank" and p.TB * _pow2(p.BJ) <= 128
-    select_warps = 4
     K._select_kernel[(rows, HKV, p.NCHUNK)](
         cmp_m, cmp_l, score_part, tile_max, candidates, length, T_new, HQ, HKV,
         G=p.G, G_PAD=p.G_PAD, CMP_L=cfg.cmp_block, CMP_D=cfg.cmp_stride, SLC=cfg.slc_block,
         N_SEL=cfg.num_selected, N_INIT=cfg.num_init_blocks, N_LOCAL=cfg.num_local_blocks,
         BJ=p.BJ, BJS=BJS, SPILL=p.SPILL, TT=p.TT, NTILES=p.NTILES, TB=p.TB, NCHUNK=p.NCHUNK,
         BJ_PAD=_pow2(p.BJ), NSPLIT=p.NSPLIT, NS_PAD=_pow2(p.NSPLIT), N_SEL_PAD=_pow2(cfg.num_selected),
-        RANK_TOPN=rank_topn, num_warps=select_warps,
+        RANK_TOPN=rank_topn, num_warps=4,
     )
     indices = torch.empty(B, HKV, T_new, cfg.num_selected, device=q.device, dtype=torch.int32)
     nprog = p.NP_SEL + p.NP_WIN

@@ -48,7 +48,7 @@ def upcast_dots(x: torch.Tensor) -> bool:
 # "selected_fwd" also takes ``impl``: "query" (default) or "blocks" (custom_ops/selected_fwd_blocks.py,
 # with ROWS and CHUNK; opt-in until measured on a GPU), "selected_dq" ``impl``: "gather" (default) or
 # "fused" (dq accumulated by the dK/dV kernel with atomics; opt-in until measured).
-# Meant for benchmarks (perf/gpu_check_ops.py sweeps them); empty by default.
+# Meant for benchmarks (perf/gpu_sweep.py sweeps them); empty by default.
 TUNING: dict[str, dict] = {}
 
 

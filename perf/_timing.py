@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["median_ms", "free_memory", "is_oom"]
+__all__ = ["median_ms", "kernel_times", "free_memory", "is_oom"]
 
 
 def _reset_grads(leaves: Sequence[torch.Tensor]) -> None:
@@ -48,6 +48,27 @@ def median_ms(
         times.append((time.perf_counter() - start) * 1e3)
     _reset_grads(leaves)
     return statistics.median(times)
+
+
+def kernel_times(fn: Callable[[], object], iters: int = 3) -> list[dict]:
+    """Device time per kernel of ``fn()`` under ``torch.profiler`` (CUDA activity), one warm-up call
+    first: rows ``{"kernel": name, "ms": per call of fn, "calls": per call of fn}``, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None)
+        if us is None:
+            us = getattr(event, "cuda_time_total", 0.0)
+        if us and us > 0:
+            rows.append({"kernel": event.key, "ms": us / 1e3 / iters, "calls": event.count / iters})
+    return sorted(rows, key=lambda r: -r["ms"])
 
 
 def free_memory() -> None:

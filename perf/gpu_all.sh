@@ -2,7 +2,7 @@
 # One device call: install flexnsa, then run the named GPU stages, each with its own time limit.
 # Usage (on the GPU machine, repo root):  bash perf/gpu_all.sh tests flex:200 ops decode train report
 # (a stage's time limit in seconds after the colon; extra arguments through ARGS_<stage>, e.g.
-#  ARGS_ops="--no-sweep").
+#  ARGS_ops="--no-256k").
 # Everything lands in $OUT/<stage>/ and is packed into $OUT/results.tar.gz (the device returns at
 # most 8 files); a summary of exit codes is printed last.
 set -u

@@ -3,7 +3,7 @@
 Exits non-zero when a result is wrong.
 
     OUT=perf/results/h200 python perf/gpu_check_ops.py        # about 3-4 minutes on an H200
-    python perf/gpu_check_ops.py --no-sweep --no-256k          # correctness + default timings only
+    python perf/gpu_check_ops.py --no-256k          # without the 256k smoke run
 
 (a) Correctness against ``flexnsa.reference`` in float64 on the GPU, flash-attention style: the
     error of the kernels must be <= 3x the error of the reference run in the input dtype
@@ -26,8 +26,7 @@ Exits non-zero when a result is wrong.
     from ``torch.profiler``.
 (d) T = 256k smoke run (int64 offsets: q holds 2^31 elements): select, forward and backward finish,
     sampled rows correct, gradients finite.
-(e) While time is left (``--budget``), a sweep of launch parameters (``kernel_utils.TUNING``), one
-    change at a time, at 64k 128/128 (the dq and dK/dV variants time the whole backward op).
+Launch-parameter sweeps: ``perf/gpu_sweep.py``.
 
 Writes ``gpu_check_ops.json`` and ``gpu_check_ops.md`` under ``$OUT`` (default ``perf/results/tmp``),
 rewritten after every stage (a time-out keeps what was done), and prints the summary table last.
@@ -46,10 +45,8 @@ import traceback
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-
-
-
 import torch  # noqa: E402
+from _timing import kernel_times  # noqa: E402
 
 import flexnsa  # noqa: E402  (installed: pip install -e .)
 
@@ -63,7 +60,7 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 PAPER = flexnsa.NSAConfig()  # l=32, d=16, l'=64, n=16, 1 init + 2 local blocks
 START = time.time()
 FAILURES: list[str] = []
-RESULTS: dict = {"correctness": [], "select_64k": None, "rows_64k": None, "select_impls": [], "timings": [], "sweep": [],
+RESULTS: dict = {"correctness": [], "select_64k": None, "rows_64k": None, "select_impls": [], "timings": [],
                  "t256k": None}
 
 
@@ -430,25 +427,10 @@ def selected_pairs(idx, T, bs):
 
 
 def kernel_breakdown(fn, reps=3) -> dict:
-    """Mean CUDA time per kernel name over ``reps`` calls of ``fn`` (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Mean CUDA time per kernel name over ``reps`` calls of ``fn`` (the 8 largest, ms)."""
     if DEVICE != "cuda":
         return {}
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    times = {}
-    for event in prof.key_averages():
-        us = getattr(event, "device_time_total", None)
-        if us is None:
-            us = getattr(event, "cuda_time_total", 0.0)
-        if us and us > 0:
-            times[event.key[:60]] = round(us / reps / 1e3, 3)
-    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:8])
+    return {r["kernel"][:60]: round(r["ms"], 3) for r in kernel_times(fn, reps)[:8]}
 
 
 def time_paper(T, Dk, Dv, seed=0):
@@ -501,59 +483,7 @@ def time_paper(T, Dk, Dv, seed=0):
         add(name, ms, bwd_flops, unique_bwd, gathered, note="7 products (dq 3, dk/dv 4)")
         breakdown[name] = kernel_breakdown(fn)
         log(f"    kernels: {breakdown[name]}")
-    return rows, breakdown, (q, k, v, k_cmp, lse_cmp, idx, o, lse, grad_out, scale)
-
-
-SWEEP = {
-    "selected_fwd": [{"num_warps": 4, "num_stages": 1}, {"num_warps": 4, "num_stages": 3},
-                     {"num_warps": 8, "num_stages": 2}, {"num_warps": 2, "num_stages": 2}],
-    "select": [{"BLOCK_T": 32}, {"BLOCK_C": 128}, {"num_warps": 4}, {"num_stages": 3}],
-    "select_v2": [{"BLOCK_C": 128}, {"maxnreg": 128}, {"TRANS": True}, {"BLOCK_T": 32}, {"num_warps": 4},
-                  {"BLOCK_C": 32}],
-    "selected_dq": [{"num_warps": 8, "num_stages": 2}, {"num_warps": 4, "num_stages": 3}],
-    "selected_dkv": [{"ROWS": 128}, {"num_warps": 4}, {"CHUNK": 256}, {"num_stages": 1}],
-}  # fmt: skip
-
-
-def sweep(tensors, deadline):
-    """Time each kernel with a few alternative launch parameters (one change at a time)."""
-    q, k, v, k_cmp, lse_cmp, idx, o, lse, grad_out, scale = tensors
-    bs = PAPER.slc_block
-    calls = {
-        "select": lambda: custom_ops.select_blocks(q, k_cmp, lse_cmp, PAPER, scale),
-        "select_v2": lambda: custom_ops.select_blocks(q, k_cmp, lse_cmp, PAPER, scale),
-        "selected_fwd": lambda: custom_ops.selected_attention(q, k, v, idx, PAPER, scale),
-        "selected_dq": lambda: torch.ops.flexnsa.selected_attention_backward(
-            grad_out, q, k, v, o, lse, idx, bs, scale, True),
-        "selected_dkv": lambda: torch.ops.flexnsa.selected_attention_backward(
-            grad_out, q, k, v, o, lse, idx, bs, scale, True),
-    }  # fmt: skip
-    out = []
-    for name, variants in SWEEP.items():
-        for variant in [{}] + variants:
-            if elapsed() > deadline:
-                log("  sweep stopped: time budget")
-                return out
-            kernel_utils.TUNING.clear()
-            kernel_utils.TUNING[name] = dict(variant)
-            impl_before = os.environ.get("FLEXNSA_SELECT_IMPL")
-            if name in ("select", "select_v2"):  # "select" tunes the v1 kernel, "select_v2" the v2 one
-                os.environ["FLEXNSA_SELECT_IMPL"] = "v1" if name == "select" else "v2"
-            try:
-                with torch.no_grad():
-                    ms = bench(calls[name])
-                out.append({"kernel": name, "variant": variant or "default", "ms": round(ms, 3)})
-                log(f"  sweep {name} {variant or 'default'}: {ms:.3f} ms")
-            except Exception as err:  # a variant that does not compile is a finding, not a failure
-                out.append({"kernel": name, "variant": variant, "error": repr(err)[:200]})
-                log(f"  sweep {name} {variant}: error {repr(err)[:120]}")
-            finally:
-                kernel_utils.TUNING.clear()
-                if impl_before is None:
-                    os.environ.pop("FLEXNSA_SELECT_IMPL", None)
-                else:
-                    os.environ["FLEXNSA_SELECT_IMPL"] = impl_before
-    return out
+    return rows, breakdown
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -599,10 +529,6 @@ def write_outputs(out_dir: pathlib.Path) -> str:
                          f"{r['MB unique']} | {r['TB/s unique']} | {r.get('MB gathered', '')} | {r.get('TB/s gathered', '')} |")  # fmt: skip
         for name, kernels in RESULTS.get("breakdown", {}).items():
             lines.append(f"\n{name}, per kernel (ms): " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
-    if RESULTS["sweep"]:
-        lines += ["", "## Launch-parameter sweep at 64k, 128/128 (kernel_utils.TUNING)", "", "| kernel | variant | ms |", "|---|---|---|"]
-        for r in RESULTS["sweep"]:
-            lines.append(f"| {r['kernel']} | {r['variant']} | {r.get('ms', r.get('error'))} |")
     lines += ["", f"Failures: {len(FAILURES)}"] + [f"- {f.splitlines()[0][:300]}" for f in FAILURES]
     text = "\n".join(lines) + "\n"
     (out_dir / "gpu_check_ops.md").write_text(text)
@@ -612,9 +538,8 @@ def write_outputs(out_dir: pathlib.Path) -> str:
 def main() -> int:
     global DEVICE, PAPER, LONG_HEADS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--no-sweep", action="store_true", help="skip the launch-parameter sweep")
     parser.add_argument("--no-256k", action="store_true", help="skip the T=256k smoke run")
-    parser.add_argument("--budget", type=float, default=195.0, help="seconds; optional stages (256k, sweep) start only before it")
+    parser.add_argument("--budget", type=float, default=195.0, help="seconds; the optional 256k stage starts only before it")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny shapes on the CPU (set TRITON_INTERPRET=1 to run the kernels): checks this script")
     args = parser.parse_args()
@@ -628,7 +553,6 @@ def main() -> int:
         cases += [(40, 2, 16, 16, torch.float16), (40, 3, 16, 8, torch.float32)]
         extras = (0, 3, 9)
         kernel_utils.TUNING.clear()
-        SWEEP.update({k: v[:1] for k, v in SWEEP.items()})
     else:
         if not torch.cuda.is_available():
             print("gpu_check_ops.py needs CUDA (or --cpu-smoke)", file=sys.stderr)
@@ -675,15 +599,12 @@ def main() -> int:
     write_outputs(out_dir)
 
     log(f"(c) timings at T={T_long} (select: the default kernel, FLEXNSA_SELECT_IMPL={os.environ.get('FLEXNSA_SELECT_IMPL', 'v2')})")
-    tensors = None
     RESULTS["breakdown"] = {}
     for Dk, Dv in ((128, 128), (192, 128)):
         try:
-            rows, breakdown, t = time_paper(T_long, Dk, Dv)
+            rows, breakdown = time_paper(T_long, Dk, Dv)
             RESULTS["timings"] += rows
             RESULTS["breakdown"].update({f"{k} ({Dk}/{Dv})": v for k, v in breakdown.items()})
-            if Dk == 128:
-                tensors = t
         except Exception as err:
             record_failure(f"timing T={T_long} {Dk}/{Dv}", err)
         empty_cache()
@@ -698,12 +619,6 @@ def main() -> int:
     elif not args.no_256k:
         log("(d) 256k smoke run skipped: time budget")
     write_outputs(out_dir)
-
-    if not args.no_sweep and tensors is not None:
-        RESULTS["sweep"] = sweep(tensors, deadline=args.budget)
-        write_outputs(out_dir)
-    del tensors
-    empty_cache()
 
     text = write_outputs(out_dir)
     print(text)

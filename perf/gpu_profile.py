@@ -19,9 +19,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _cases import build_nsa, make_inputs  # noqa: E402
+from _cases import build_nsa, make_inputs  # noqa: E402  (perf/ is on sys.path: run as a script)
 from _shapes import GPU_SHAPES  # noqa: E402
+from _timing import kernel_times  # noqa: E402
 
 import flexnsa  # noqa: E402
 
@@ -30,8 +30,7 @@ DEFAULT_CASES = "paper:8192:fwdbwd,paper:65536:fwd,paper:65536:fwdbwd,small-grou
 
 def kernel_table(fn, iters: int = 3):
     """Runs ``fn`` ``iters`` times under the profiler; returns (rows, wall ms per iteration)."""
-    for _ in range(2):
-        fn()
+    fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -39,21 +38,8 @@ def kernel_table(fn, iters: int = 3):
         fn()
     end.record()
     torch.cuda.synchronize()
-    wall = start.elapsed_time(end) / iters
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for evt in prof.key_averages():
-        dev_us = getattr(evt, "device_time_total", None)
-        if dev_us is None:
-            dev_us = evt.cuda_time_total
-        if dev_us <= 0:
-            continue
-        rows.append({"kernel": evt.key[:110], "ms": dev_us / 1e3 / iters, "calls": evt.count / iters})
-    rows.sort(key=lambda r: -r["ms"])
-    return rows, wall
+    rows = [dict(r, kernel=r["kernel"][:110]) for r in kernel_times(fn, iters)]
+    return rows, start.elapsed_time(end) / iters
 
 
 def nsa_case(shape_name: str, seq_len: int, mode: str):
