@@ -25,16 +25,19 @@ from flexnsa import flex_runtime
 from flexnsa.custom_ops import kernel_utils
 
 VARIANTS = {
-    "select_v2": [{}, {"BLOCK_T": 16, "num_warps": 8}, {"maxnreg": 128}, {"num_stages": 1}, {"num_stages": 3},
-                  {"BLOCK_C": 128, "num_warps": 8}, {"BLOCK_C": 32}, {"TRANS": True}],
-    "selected_fwd": [{}, {"impl": "blocks"}, {"impl": "blocks", "ROWS": 128, "num_warps": 8}, {"impl": "blocks", "CHUNK": 256}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 4, "num_stages": 1}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 4, "num_stages": 4}, {"num_warps": 8, "num_stages": 3}],
-    "selected_dq": [{}, {"impl": "fused"}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 2}],
+    # SKIP_MERGE: timing diagnostic (no top-n merge, wrong indices): splits the time between scores and merge
+    "select_v2": [{}, {"SKIP_MERGE": True}, {"maxnreg": 128}, {"BLOCK_C": 128, "num_warps": 8}, {"TRANS": True}],
+    "selected_fwd": [{}, {"impl": "blocks"}, {"impl": "blocks", "ROWS": 128, "num_warps": 8}, {"num_warps": 4, "num_stages": 2}],
+    "selected_dq": [{}, {"impl": "fused"}],
     "flex_cmp_fwd": [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
                      {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}],
     "flex_win_fwd": [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}],
+    # compressed branch forward+backward: query chunks (None: default_num_chunks) and K/V expanded to
+    # the HQ query heads (FlexAttention's dK/dV pass then has HQ/HKV times more programs)
+    "flex_cmp_train": [{}, {"chunks": 32}, {"expand": True}, {"expand": True, "chunks": 8}],
     "selected_dkv": [{}, {"num_stages": 3}, {"ROWS": 32, "num_warps": 4}, {"ROWS": 32, "num_warps": 4, "num_stages": 3},
                      {"num_warps": 8}, {"ROWS": 128}, {"ROWS": 128, "num_warps": 8},
                      {"num_stages": 1}, {"CHUNK": 256}],
@@ -69,6 +72,15 @@ def main() -> int:
         ref_sorted = idx_ref.sort(-1).values
         o, lse_s = custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale)
         do = randn(*o.shape)
+        qg = q.detach().requires_grad_(True)
+        kcg, vcg = kc.detach().requires_grad_(True), vc.detach().requires_grad_(True)
+        do_c = randn(B, HQ, T, D)
+
+        def cmp_train(chunks=None, expand=False):
+            kx, vx = (kcg.repeat_interleave(HQ // HKV, 1), vcg.repeat_interleave(HQ // HKV, 1)) if expand else (kcg, vcg)
+            out_c, lse_c = flexnsa.compressed_attention(qg, kx, vx, cfg, scale=scale, return_lse=True, _num_chunks=chunks)
+            torch.autograd.backward((out_c, lse_c), (do_c, torch.zeros_like(lse_c)))
+
         calls = {
             "select_v2": lambda: custom_ops.select_blocks(q, kc, lse, cfg, scale),
             "selected_fwd": lambda: custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale),
@@ -85,11 +97,19 @@ def main() -> int:
                     print("budget spent", flush=True)
                     break
                 kernel_utils.TUNING.clear()
+                row = {"T": T, "kernel": name, "variant": json.dumps(variant)}
+                if name == "flex_cmp_train":  # autograd: timed outside no_grad
+                    try:
+                        row["ms"] = median_ms(lambda: cmp_train(**variant), q.device, leaves=(qg, kcg, vcg))
+                    except Exception as err:
+                        row["error"] = repr(err)[:160]
+                    rows.append(row)
+                    print(row, flush=True)
+                    continue
                 if name.startswith("flex_"):
                     flex_runtime.KERNEL_OPTIONS_OVERRIDE = dict(variant) if variant else None
                 else:
                     kernel_utils.TUNING[name] = dict(variant)
-                row = {"T": T, "kernel": name, "variant": json.dumps(variant)}
                 try:
                     with torch.no_grad():
                         out = calls[name]()
@@ -104,7 +124,7 @@ def main() -> int:
                 flex_runtime.KERNEL_OPTIONS_OVERRIDE = None
                 rows.append(row)
                 print(row, flush=True)
-        del q, k, v, kc, vc, lse, o, do
+        del q, k, v, kc, vc, lse, o, do, qg, kcg, vcg, do_c
         torch.cuda.empty_cache()
     md = ["# Launch-parameter sweep (bf16, B=1, HQ=64, HKV=4, D=128, paper config)", "",
           "| T | kernel | variant | ms | select rows differing from default / fwd max abs diff of o | error |", "|---|---|---|---|---|---|"]
