@@ -45,9 +45,6 @@ def upcast_dots(x: torch.Tensor) -> bool:
 # Keys: "select" (v1 kernel: num_warps, num_stages, BLOCK_T, BLOCK_C), "select_v2" (the same, TRANS and
 # maxnreg; maxnreg is meant for eager timing, untested under torch.compile), "selected_fwd", "selected_dq",
 # "selected_dkv_reduce" (num_warps, num_stages), "selected_dkv" (num_warps, num_stages, ROWS, CHUNK);
-# "selected_fwd" also takes ``impl``: "query" (default) or "blocks" (custom_ops/selected_fwd_blocks.py,
-# with ROWS and CHUNK; opt-in until measured on a GPU), "selected_dq" ``impl``: "gather" (default) or
-# "fused" (dq accumulated by the dK/dV kernel with atomics; opt-in until measured).
 # Meant for benchmarks (perf/gpu_sweep.py sweeps them); empty by default.
 TUNING: dict[str, dict] = {}
 

@@ -22,12 +22,6 @@ Three kernels:
 3. ``_dkv_reduce_kernel`` (deterministic path): one program per block sums its work items'
    partials in a fixed order and writes dK/dV in the input dtype.
 
-Opt-in (``kernel_utils.TUNING["selected_dq"] = {"impl": "fused"}``, not measured on a GPU yet):
-``_dkv_kernel`` also adds ``scale * dS @ K`` of each step into a float32 dq accumulator with
-``tl.atomic_add`` (``FUSED_DQ``), ``_delta_kernel`` computes ``delta``, and ``_dq_kernel`` does not
-run: one gather of the K/V blocks instead of two, at the price of a non-deterministic dq (never
-under ``torch.use_deterministic_algorithms(True)``).
-
 The index is built with torch ops of static shapes (sort, searchsorted, cumsum): no host sync.
 Work items per call: ``NB * B * HKV + (B * HKV * T * n) // CHUNK`` (an upper bound; the surplus
 items do nothing), so the partial buffer holds at most about twice the float32 size of dK/dV.
@@ -151,7 +145,6 @@ def _dkv_kernel(
     item_end_ptr,  # [W] int32: one past its last entry
     dk_out_ptr,  # float32: [W, BS_PAD, DK_PAD] partials, or [B, HKV, T, DK] accumulator (ATOMIC)
     dv_out_ptr,
-    dq_acc_ptr,  # FUSED_DQ: float32 [B, HQ, T, DK] accumulator with q's strides (else unused)
     T,
     HKV,
     NB,
@@ -183,7 +176,6 @@ def _dkv_kernel(
     ATOMIC: tl.constexpr,
     IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
     UPCAST: tl.constexpr,
-    FUSED_DQ: tl.constexpr = False,  # also dq += scale * dS @ K, atomically (opt-in, see selected_bwd_launch)
 ):
     """do shares o's strides (stride_o*); delta shares lse's strides; accumulator shares k's/v's
     (b, h, t) strides with unit stride on the last dim."""
@@ -241,13 +233,6 @@ def _dkv_kernel(
             dp = mma(do, tl.trans(vb), IEEE, UPCAST)  # [ROWS, BS_PAD]
             ds = p * (dp - delta[:, None])
             dk_acc += mma(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
-            if FUSED_DQ:
-                dq_part = mma(ds.to(kb.dtype), kb, IEEE, UPCAST) * scale  # [ROWS, DK_PAD]
-                tl.atomic_add(
-                    dq_acc_ptr + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + dk_off[None, :],
-                    dq_part,
-                    mask=row_ok[:, None] & (dk_off[None, :] < DK),
-                )
         dk_acc = dk_acc * scale
 
         if ATOMIC:
@@ -258,34 +243,6 @@ def _dkv_kernel(
             part_v = w * (BS_PAD * DV_PAD) + s_off[:, None] * DV_PAD + dv_off[None, :]
             tl.store(dk_out_ptr + part_k, dk_acc)
             tl.store(dv_out_ptr + part_v, dv_acc)
-
-
-@triton.jit
-def _delta_kernel(
-    o_ptr,  # [B, HQ, T, DV]
-    do_ptr,  # same strides as o
-    delta_ptr,  # [B, HQ, T] float32 (output), contiguous
-    T,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    HQ,
-    DV: tl.constexpr,
-    DV_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
-    """``delta[b, h, t] = sum_c o[b, h, t, c] * do[b, h, t, c]`` (float32) for the fused-dq path."""
-    pid_t = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // HQ
-    h = bh % HQ
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-    c = tl.arange(0, DV_PAD)
-    off = b * stride_ob + h * stride_oh + t.to(tl.int64)[:, None] * stride_ot + c[None, :]
-    mask = (t[:, None] < T) & (c[None, :] < DV)
-    o = tl.load(o_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_T, DV_PAD]
-    do = tl.load(do_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + bh * T + t, tl.sum(o * do, axis=1), mask=t < T)
 
 
 @triton.jit
@@ -389,9 +346,7 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
 def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block: int, scale: float, atomic: bool):
     """Runs the three backward kernels on contiguous inputs; returns ``(dq, dk, dv)`` in the input dtypes.
 
-    ``atomic=False``: dK/dV deterministic (partials summed in a fixed order); dq too, except with the
-    opt-in fused dq (``TUNING["selected_dq"]["impl"] = "fused"``), which adds with atomics whatever
-    ``atomic`` says and is switched off only by ``torch.use_deterministic_algorithms(True)``.
+    ``atomic=False``: dK/dV deterministic (partials summed in a fixed order); dq always is.
     """
     B, HQ, T, Dk = q.shape
     HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
@@ -403,33 +358,18 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
                   UPCAST=upcast_dots(q))
 
     dq_opts = tuned("selected_dq", num_warps=4 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8, num_stages=2)
-    # opt-in (TUNING["selected_dq"] = {"impl": "fused"}, not measured yet): the dK/dV kernel also adds
-    # scale * dS @ K into a float32 dq accumulator with atomics (not deterministic, so never under
-    # torch.use_deterministic_algorithms), instead of this kernel's second gather of the K/V blocks
-    dq_impl = dq_opts.pop("impl", "gather")
-    if dq_impl not in ("gather", "fused"):  # a typo would silently time the gather kernel
-        raise ValueError(f"TUNING['selected_dq']['impl'] must be 'gather' or 'fused', got {dq_impl!r}")
-    fused_dq = dq_impl == "fused" and not torch.are_deterministic_algorithms_enabled()
-    delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
-    if fused_dq:
-        dq_acc = torch.zeros(B, HQ, T, Dk, dtype=torch.float32, device=q.device)  # [B, HQ, T, Dk], q's strides
-        launch(_delta_kernel)[(triton.cdiv(T, 64), B * HQ)](
-            out, grad_out, delta, T, out.stride(0), out.stride(1), out.stride(2), HQ,
-            DV=Dv, DV_PAD=dv_pad, BLOCK_T=64, num_warps=4,
-        )  # fmt: skip
-    else:
-        dq = torch.empty_like(q)  # [B, HQ, T, Dk]
-        dq_acc = delta  # unused by the dK/dV kernel (FUSED_DQ=False)
-        launch(_dq_kernel)[(T, B * HKV)](
-            q, k, v, indices, out, grad_out, lse, dq, delta, T, HKV, scale,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            indices.stride(0), indices.stride(1), indices.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            G_PAD=g_pad, N=n, **dq_opts, **shared,
-        )  # fmt: skip
+    delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T], written by _dq_kernel
+    dq = torch.empty_like(q)  # [B, HQ, T, Dk]
+    launch(_dq_kernel)[(T, B * HKV)](
+        q, k, v, indices, out, grad_out, lse, dq, delta, T, HKV, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        G_PAD=g_pad, N=n, **dq_opts, **shared,
+    )  # fmt: skip
 
     # 4 warps: 8 warps needed 207 registers (one CTA per SM, latency-bound); 4 warps ran the whole
     # backward 1.46x faster at 64k on the H200 (perf/NOTES.md, sweep)
@@ -446,17 +386,15 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     launch(_dkv_kernel)[(rev["max_items"],)](
         q, k, v, grad_out, lse, delta,
         rev["entry_t"], rev["item_key"], rev["item_start"], rev["item_end"],
-        dk_out, dv_out, dq_acc, T, HKV, nb, rev["num_keys"], scale,
+        dk_out, dv_out, T, HKV, nb, rev["num_keys"], scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        G_PAD=g_rows, QB=qb, ATOMIC=atomic, FUSED_DQ=fused_dq, **dkv_opts,
+        G_PAD=g_rows, QB=qb, ATOMIC=atomic, **dkv_opts,
         **shared,
     )  # fmt: skip
-    if fused_dq:
-        dq = dq_acc.to(q.dtype)
     if atomic:
         return dq, dk_out.to(k.dtype), dv_out.to(v.dtype)
 

@@ -125,13 +125,6 @@ def _selected_fwd_kernel(
 def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
     """Runs the forward kernel on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``."""
     options = dict(TUNING.get("selected_fwd", {}))
-    impl = options.pop("impl", "query")
-    if impl == "blocks":  # opt-in block-centric variant (custom_ops/selected_fwd_blocks.py)
-        from .selected_fwd_blocks import selected_fwd_blocks_launch
-
-        return selected_fwd_blocks_launch(launch, q, k, v, indices, slc_block, scale, options)
-    if impl != "query":
-        raise ValueError(f"TUNING['selected_fwd']['impl'] must be 'query' or 'blocks', got {impl!r}")
     B, HQ, T, Dk = q.shape
     HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
     G = HQ // HKV

@@ -187,6 +187,8 @@ def _chunk_layout(seq_len: int, num_chunks: int) -> tuple[int, int]:
         return 1, seq_len
     chunk_len = -(-seq_len // num_chunks)
     chunk_len = -(-chunk_len // _Q_BLOCK) * _Q_BLOCK
+    if chunk_len >= seq_len:  # one chunk (T <= one query tile): the unchunked layout, no padding
+        return 1, seq_len
     return -(-seq_len // chunk_len), chunk_len
 
 
@@ -287,7 +289,17 @@ def _flex_compressed(path, q, k_cmp, v_cmp, config, scale, want_lse, user_mask_m
 
 
 def compressed_attention(
-    q, k_cmp, v_cmp, config=None, scale=None, return_lse=False, *, mask_mod=None, _path=None, _num_chunks=None
+    q,
+    k_cmp,
+    v_cmp,
+    config=None,
+    scale=None,
+    return_lse=False,
+    *,
+    mask_mod=None,
+    _path=None,
+    _num_chunks=None,
+    _expand_heads=None,
 ):
     """NSA branch 1: ``o[t] = softmax_i(scale * q_t . k_cmp[i]) v_cmp[i]`` over the compressed
     tokens with ``i*d + l - 1 <= t``, and its log-sum-exp.
@@ -305,6 +317,8 @@ def compressed_attention(
         _path: private path override (see :mod:`flexnsa.flex_runtime`).
         _num_chunks: private override of the query chunks (see :func:`default_num_chunks`); by
             default chunks are used only on CUDA when gradients are needed.
+        _expand_heads: private override: repeat ``k_cmp``/``v_cmp`` to the ``HQ`` query heads before
+            FlexAttention (default: on CUDA when gradients are needed and ``HKV < HQ``).
 
     Returns:
         ``o [B, HQ, T, Dv]`` in ``q.dtype``, or ``(o, lse)``. Queries ``t < l - 1`` (and rows the
@@ -337,6 +351,17 @@ def compressed_attention(
             dense = evaluate_mask_mod(chunked_mod, T, Tc, B, HQ, q.device)  # [B, HQ, T, Tc]
             out, lse = reference.masked_attention(q, k_cmp, v_cmp, dense, scale)
         return (out, lse) if return_lse else out
+    HKV = k_cmp.shape[1]
+    if _expand_heads is None:
+        _expand_heads = needs_grad and q.is_cuda and HKV < HQ
+    if _expand_heads and HKV < HQ:
+        # FlexAttention's dK/dV pass runs one program per (key tile, KV head) and loops over the G
+        # query heads of the group: with Tc = T/16 keys that is too few programs. K/V repeated to the
+        # HQ query heads give G times more (their gradients sum back through repeat_interleave):
+        # H200, paper shape, forward+backward of this branch 2.09 -> 1.63 ms at 8k, 49.3 -> 47.7 ms
+        # at 64k (perf/NOTES.md, session 4)
+        k_cmp = k_cmp.repeat_interleave(HQ // HKV, dim=1)  # [B, HQ, Tc, Dk]
+        v_cmp = v_cmp.repeat_interleave(HQ // HKV, dim=1)  # [B, HQ, Tc, Dv]
     if _num_chunks is None:
         _num_chunks = default_num_chunks(T, Tc, B, k_cmp.shape[1]) if needs_grad and q.is_cuda else 1
     out, lse = _flex_compressed(path, q, k_cmp, v_cmp, config, scale, return_lse, mask_mod, _num_chunks)

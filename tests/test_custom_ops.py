@@ -448,53 +448,6 @@ def test_interp_dkv_work_items_split_long_lists(atomic, monkeypatch):
 
 
 
-@interp_only
-@pytest.mark.parametrize(
-    "G, T, dims, block, n, dtype",
-    [(1, 45, (16, 8), 8, 3, torch.float32), (3, 61, (24, 16), 4, 4, torch.bfloat16),
-     (16, 37, (16, 16), 8, 2, torch.bfloat16), (4, 9, (8, 20), 4, 3, torch.float16)],
-)  # fmt: skip
-def test_interp_block_centric_forward(G, T, dims, block, n, dtype, monkeypatch):
-    """The opt-in block-centric forward (``TUNING["selected_fwd"]["impl"] = "blocks"``): per-block
-    partials over the reverse index (work items of 3 queries, 32 query rows per step), merged per query;
-    ``-1`` slots, odd T, G in {1, 3, 4, 16}; checked with its backward against the reference, and
-    against the query-centric forward (float32: to rounding)."""
-    from flexnsa.custom_ops import kernel_utils
-
-    Dk, Dv = dims
-    cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
-    q, k, v, _, _ = make_problem(cfg, 2, 2, G, T, Dk, Dv, dtype, seed=G + T)
-    idx = random_indices(2, 2, T, n, cfg.num_blocks(T), seed=T)
-    o_query, lse_query = custom_ops.selected_attention(q, k, v, idx, cfg)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"impl": "blocks", "CHUNK": 3, "ROWS": 2 * 16})
-    o_blocks, lse_blocks, _ = check_attention(q, k, v, idx, cfg, seed=G)
-    torch.testing.assert_close(lse_blocks, lse_query, rtol=1e-5, atol=1e-5)
-    if dtype == torch.float32:
-        torch.testing.assert_close(o_blocks, o_query, rtol=1e-5, atol=1e-5)
-
-
-@interp_only
-@pytest.mark.parametrize("G, atomic, dtype", [(1, False, torch.float32), (3, True, torch.bfloat16), (16, False, torch.bfloat16)])
-def test_interp_fused_dq(G, atomic, dtype, monkeypatch):
-    """The opt-in fused dq (``TUNING["selected_dq"]["impl"] = "fused"``): dq accumulated by the dK/dV
-    kernel with atomics over work items of 3 queries; backward against the reference, and float32
-    equal to the gathering dq kernel up to summation order."""
-    from flexnsa.custom_ops import kernel_utils
-
-    if atomic:
-        monkeypatch.setenv("FLEXNSA_DKV_ATOMIC", "1")
-    cfg = flexnsa.NSAConfig(8, 8, 8, 3, 0, 0)
-    q, k, v, _, _ = make_problem(cfg, 2, 2, G, 53, 16, 24, dtype, seed=G)
-    idx = random_indices(2, 2, 53, 3, cfg.num_blocks(53), seed=G)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 3})
-    _, _, grads_gather = check_attention(q, k, v, idx, cfg, seed=1)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fused"})
-    _, _, grads_fused = check_attention(q, k, v, idx, cfg, seed=1)
-    if dtype == torch.float32:
-        for got, want in zip(grads_fused, grads_gather):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
 def indices_with_keyless_rows(B, HKV, T, n, num_blocks, seed, dtype=torch.int32):
     """:func:`random_indices` plus queries that see no key: query ``T // 2`` of every group has only
     ``-1`` slots and, with two blocks or more, query 0 of the last group selects only the last block
@@ -527,37 +480,12 @@ EDGE_CASES = [  # G, T, (Dk, Dv), l', n, dtype, query rows per step, index dtype
 
 @interp_only
 @pytest.mark.parametrize("G, T, dims, block, n, dtype, rows, idx_dtype", EDGE_CASES)
-def test_interp_block_centric_forward_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, monkeypatch):
-    """Block-centric forward on the edge cases above (two KV groups, work items of 2 queries), run
-    under ``torch.use_deterministic_algorithms(True)``, which fills ``torch.empty`` with NaN: a merge
-    that read a partial no work item wrote would give NaN. Keyless queries: ``o = 0``, ``lse = -inf``,
-    ``dq = 0``; lse (and float32 o) equal to the query-centric kernel's."""
-    from flexnsa.custom_ops import kernel_utils
-
-    Dk, Dv = dims
-    cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
-    q, k, v, _, _ = make_problem(cfg, 1, 2, G, T, Dk, Dv, dtype, seed=T)
-    idx = indices_with_keyless_rows(1, 2, T, n, cfg.num_blocks(T), seed=G, dtype=idx_dtype)
-    o_query, lse_query = custom_ops.selected_attention(q, k, v, idx, cfg)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"impl": "blocks", "CHUNK": 2, "ROWS": rows})
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        o, lse, grads = check_attention(q, k, v, idx, cfg, seed=G)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    assert_keyless_rows_zero(o, lse, grads[0], idx, block)
-    torch.testing.assert_close(lse, lse_query, rtol=1e-5, atol=1e-5)
-    if dtype == torch.float32:
-        torch.testing.assert_close(o, o_query, rtol=1e-5, atol=1e-5)
-
-
-@interp_only
-@pytest.mark.parametrize("G, T, dims, block, n, dtype, rows, idx_dtype", EDGE_CASES)
-def test_interp_fused_dq_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, monkeypatch):
-    """Fused dq on the edge cases above (two KV groups, work items of 2 queries; atomic dK/dV for
-    the bfloat16 cases): against the reference, keyless queries get ``dq = 0``, and float32 equals
-    the gathering dq kernel up to summation order."""
+def test_interp_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, monkeypatch):
+    """The default kernels on the edge cases above (two KV groups; dK/dV work items of 2 queries,
+    ``rows`` query rows per dK/dV step; atomic dK/dV for the bfloat16 cases), run under
+    ``torch.use_deterministic_algorithms(True)`` (which fills ``torch.empty`` with NaN, so a read of an
+    unwritten partial shows): against the reference, and keyless queries get exactly ``o = 0``,
+    ``lse = -inf``, ``dq = 0``."""
     from flexnsa.custom_ops import kernel_utils
 
     Dk, Dv = dims
@@ -567,58 +495,17 @@ def test_interp_fused_dq_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype
     q, k, v, _, _ = make_problem(cfg, 1, 2, G, T, Dk, Dv, dtype, seed=T + 1)
     idx = indices_with_keyless_rows(1, 2, T, n, cfg.num_blocks(T), seed=G + 1, dtype=idx_dtype)
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 2, "ROWS": rows})
-    if dtype == torch.float32:
-        _, _, grads_gather = check_attention(q, k, v, idx, cfg, seed=G)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fused"})
-    o, lse, grads = check_attention(q, k, v, idx, cfg, seed=G)
-    assert_keyless_rows_zero(o, lse, grads[0], idx, block)
-    if dtype == torch.float32:
-        for got, want in zip(grads, grads_gather):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-@interp_only
-def test_interp_fused_dq_falls_back_when_deterministic(monkeypatch):
-    """Under ``torch.use_deterministic_algorithms(True)`` the fused dq (atomics) must not run: the
-    gathering dq kernel does, and float32 results are bit-identical to the default path's (6 slots,
-    so the fused sum would differ in order). Without the flag the fused kernels run."""
-    from flexnsa.custom_ops import kernel_utils
-    from flexnsa.custom_ops.selected_bwd import selected_bwd_launch
-
-    cfg = flexnsa.NSAConfig(4, 4, 4, 6, 0, 0)
-    q, k, v, _, _ = make_problem(cfg, 1, 1, 3, 40, 16, 8, torch.float32, seed=7)
-    idx = random_indices(1, 1, 40, 6, cfg.num_blocks(40), seed=7)
-    o, lse = custom_ops.selected_attention(q, k, v, idx, cfg, scale=0.3)
-    grad_out = torch.randn(o.shape, generator=torch.Generator().manual_seed(7))
-    args = (grad_out, q, k, v, o, lse, idx, cfg.slc_block, 0.3)
-    names = []
-
-    def recording_launch(kernel):
-        names.append(kernel.fn.__name__)
-        return kernel
-
     previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(dtype != torch.bfloat16)
     try:
-        gather = torch.ops.flexnsa.selected_attention_backward(*args, True)
-        monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fused"})
-        fallback = torch.ops.flexnsa.selected_attention_backward(*args, True)
-        selected_bwd_launch(recording_launch, *args, atomic=False)
-        assert "_dq_kernel" in names and "_delta_kernel" not in names, names
+        o, lse, grads = check_attention(q, k, v, idx, cfg, seed=G)
     finally:
         torch.use_deterministic_algorithms(previous)
-    for got, want in zip(fallback, gather):
-        assert torch.equal(got, want)
-    names.clear()
-    fused = selected_bwd_launch(recording_launch, *args, atomic=False)
-    assert "_delta_kernel" in names and "_dq_kernel" not in names, names
-    for got, want in zip(fused, gather):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_keyless_rows_zero(o, lse, grads[0], idx, block)
 
 
-def test_opt_in_tuning_options_reach_the_kernels(monkeypatch):
-    """The opt-in paths' ``TUNING`` options arrive as launch arguments (recorded, nothing runs), and a
-    misspelt option raises before any launch instead of silently running the default."""
+def test_tuning_options_reach_the_kernels(monkeypatch):
+    """``TUNING`` options arrive as launch arguments (recorded, nothing runs)."""
     from flexnsa.custom_ops import kernel_utils
     from flexnsa.custom_ops.selected_bwd import selected_bwd_launch
     from flexnsa.custom_ops.selected_fwd import selected_fwd_launch
@@ -636,32 +523,17 @@ def test_opt_in_tuning_options_reach_the_kernels(monkeypatch):
     q, k, v = torch.zeros(B, HKV * G, T, 16), torch.zeros(B, HKV, T, 16), torch.zeros(B, HKV, T, 8)
     o, lse = torch.zeros(B, HKV * G, T, 8), torch.zeros(B, HKV * G, T)
     idx = torch.zeros(B, HKV, T, n, dtype=torch.int32)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd",
-                        {"impl": "blocks", "ROWS": 128, "CHUNK": 4, "num_warps": 8, "num_stages": 3})  # fmt: skip
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"num_warps": 8, "num_stages": 3})
     selected_fwd_launch(RecordingLaunch, q, k, v, idx, 8, 0.25)
-    part = launches.pop("_block_partial_kernel")
-    assert (part["QB"], part["G_PAD"], part["num_warps"], part["num_stages"]) == (8, 16, 8, 3)
-    assert part["grid"] == (B * HKV * 3 + B * HKV * T * n // 4,)  # 3 blocks; work items of 4 queries
-    assert set(launches) == {"_merge_kernel"}
-    launches.clear()
-
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fused", "num_warps": 2})
+    fwd = launches.pop("_selected_fwd_kernel")
+    assert (fwd["num_warps"], fwd["num_stages"]) == (8, 3)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"num_warps": 2})
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"ROWS": 32, "CHUNK": 4, "num_warps": 8})
     selected_bwd_launch(RecordingLaunch, o, q, k, v, o, lse, idx, 8, 0.25, atomic=False)
     dkv = launches["_dkv_kernel"]
-    assert (dkv["FUSED_DQ"], dkv["QB"], dkv["num_warps"], dkv["grid"]) == (True, 2, 8, part["grid"])
-    assert set(launches) == {"_delta_kernel", "_dkv_kernel", "_dkv_reduce_kernel"}
-
-    def no_launch(kernel):
-        raise AssertionError(f"{kernel} launched")
-
-    for options, match in (({"impl": "blocks", "BLOCK_T": 32}, "BLOCK_T"), ({"impl": "block"}, "impl")):
-        monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", options)
-        with pytest.raises(ValueError, match=match):
-            selected_fwd_launch(no_launch, q, k, v, idx, 8, 0.25)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fuse"})
-    with pytest.raises(ValueError, match="selected_dq"):
-        selected_bwd_launch(no_launch, o, q, k, v, o, lse, idx, 8, 0.25, atomic=False)
+    assert (dkv["QB"], dkv["num_warps"], dkv["grid"]) == (2, 8, (B * HKV * 3 + B * HKV * T * n // 4,))
+    assert launches["_dq_kernel"]["num_warps"] == 2
+    assert set(launches) == {"_dq_kernel", "_dkv_kernel", "_dkv_reduce_kernel"}
 
 
 # ---- CUDA --------------------------------------------------------------------------------------
@@ -681,12 +553,6 @@ def test_gpu_kernels_match_reference(G, dims, dtype, atomic, monkeypatch):
     assert_selection_agrees(idx, reference.select_blocks(q.cpu(), k_cmp.cpu(), cfg, lse=lse.cpu()), q, k_cmp, cfg)
     check_attention(q, k, v, idx, cfg)
     check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=1, device="cuda"), cfg)
-    from flexnsa.custom_ops import kernel_utils
-
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"impl": "blocks"})  # opt-in variant
-    check_attention(q, k, v, idx, cfg)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"impl": "fused"})  # opt-in variant
-    check_attention(q, k, v, idx, cfg)
 
 
 @pytest.mark.gpu

@@ -134,6 +134,21 @@ def test_compressed_chunked_forward_is_exact(s, cfg, chunks):
     assert_within_reference_error(out, exact, lowp, torch.float32, "chunked o")
 
 
+@settings(max_examples=6)
+@given(shapes(max_t=300), configs(), st.integers(1, 3))
+def test_compressed_expanded_heads_is_exact(s, cfg, chunks):
+    """K/V repeated to the query heads (the CUDA training layout) give the grouped result."""
+    q, kc, vc = compressed_inputs(s, cfg)
+    out, lse = fb.compressed_attention(
+        q, kc, vc, cfg, return_lse=True, _path="flex_eager", _num_chunks=chunks, _expand_heads=True
+    )
+    plain, plain_lse = fb.compressed_attention(
+        q, kc, vc, cfg, return_lse=True, _path="flex_eager", _num_chunks=1, _expand_heads=False
+    )
+    torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, plain_lse, atol=1e-6, rtol=1e-5)
+
+
 @settings(max_examples=15)
 @given(st.integers(1, 2000), st.integers(0, 200), st.integers(1, 2), st.integers(1, 4), st.integers(1, 9))
 def test_compressed_chunked_block_tables(seq_len, num_cmp_cap, batch, chunks, stride_pow):
