@@ -240,11 +240,11 @@ def _selected_fwd_tile_kernel(
 
     # the other slots: each query's own block, gathered per query
     for slot in range(N):
-        slot_blk = tl.load(idx_base + tq * stride_it + slot, mask=q_ok, other=-1).to(tl.int64)  # [QT]
-        shared = (slot_blk < SHARED_INIT) | ((slot_blk > own - SHARED_LOCAL) & (slot_blk <= own))
-        need = (slot_blk >= 0) & ~shared  # [QT]
+        blk = tl.load(idx_base + tq * stride_it + slot, mask=q_ok, other=-1).to(tl.int64)  # [QT]
+        shared = (blk < SHARED_INIT) | ((blk > own - SHARED_LOCAL) & (blk <= own))
+        need = (blk >= 0) & ~shared  # [QT]
         if tl.max(need.to(tl.int32), axis=0) > 0:
-            pos = slot_blk[:, None] * BS + s_off[None, :]  # [QT, BS_PAD]
+            pos = blk[:, None] * BS + s_off[None, :]  # [QT, BS_PAD]
             key_ok = need[:, None] & (s_off < BS)[None, :] & (pos <= tq[:, None])  # [QT, BS_PAD]
             kb = tl.load(
                 k_base + pos[:, :, None] * stride_kt + dk[None, None, :],
