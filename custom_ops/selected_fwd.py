@@ -122,183 +122,16 @@ def _selected_fwd_kernel(
     tl.store(lse_ptr + b * stride_lb + head * stride_lh + t, lse, mask=head_ok)
 
 
-@triton.jit
-def _online_softmax_step_3d(m_i, l_i, acc, logits, vb, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """One block of the online softmax of ``[QT, G_PAD, BS]`` base-2 logits (masked keys ``-inf``):
-    ``acc [QT, G_PAD, DV] += p @ vb [QT, BS, DV]`` (batched). Returns the new ``(m, l, acc)``."""
-    m_new = tl.maximum(m_i, tl.max(logits, axis=2))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(logits - m_safe[:, :, None])
-    l_i = l_i * alpha + tl.sum(p, axis=2)
-    acc = acc * alpha[:, :, None] + mma(p.to(vb.dtype), vb, IEEE, UPCAST)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _selected_fwd_tile_kernel(
-    q_ptr,  # [B, HQ, T, DK]
-    k_ptr,  # [B, HKV, T, DK]
-    v_ptr,  # [B, HKV, T, DV]
-    idx_ptr,  # [B, HKV, T, N] int32/int64
-    o_ptr,  # [B, HQ, T, DV] (output)
-    lse_ptr,  # [B, HQ, T] float32 (output)
-    T,
-    HKV,
-    scale_log2: tl.constexpr,  # constexpr: see _selected_fwd_kernel
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_ib,
-    stride_ih,
-    stride_it,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    stride_lb,
-    stride_lh,
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
-    DK: tl.constexpr,
-    DK_PAD: tl.constexpr,
-    DV: tl.constexpr,
-    DV_PAD: tl.constexpr,
-    BS: tl.constexpr,  # l'
-    BS_PAD: tl.constexpr,
-    N: tl.constexpr,
-    N_PAD: tl.constexpr,
-    QT: tl.constexpr,  # queries per program (divides l', so all of them share one own block)
-    SHARED_INIT: tl.constexpr,  # candidate shared blocks: 0 .. SHARED_INIT - 1
-    SHARED_LOCAL: tl.constexpr,  # and own - SHARED_LOCAL + 1 .. own
-    IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """QT consecutive queries x G heads per program. Blocks that every query of the tile may share
-    (the first SHARED_INIT blocks and the SHARED_LOCAL blocks ending at the tile's own block: NSA's
-    forced init/local blocks) are loaded once and attended by the queries whose index lists contain
-    them; every other slot is a per-query block, gathered as a [QT, l', D] tile (batched dots)."""
-    t0 = tl.program_id(0) * QT
-    pid_bg = tl.program_id(1)
-    b = (pid_bg // HKV).to(tl.int64)
-    g = (pid_bg % HKV).to(tl.int64)
-    own = t0 // BS  # the tile's own block (QT divides BS)
-
-    qi = tl.arange(0, QT)
-    tq = (t0 + qi).to(tl.int64)  # [QT]
-    q_ok = tq < T
-    h = tl.arange(0, G_PAD)
-    head = g * G + h  # [G_PAD]
-    dk = tl.arange(0, DK_PAD)
-    dv = tl.arange(0, DV_PAD)
-    q = tl.load(
-        q_ptr + b * stride_qb + head[None, :, None] * stride_qh + tq[:, None, None] * stride_qt + dk[None, None, :],
-        mask=q_ok[:, None, None] & (h < G)[None, :, None] & (dk < DK)[None, None, :],
-        other=0.0,
-    )  # [QT, G_PAD, DK_PAD]
-    q_rows = tl.reshape(q, (QT * G_PAD, DK_PAD))  # [QT*G_PAD, DK_PAD]: the tile as one matrix for shared blocks
-    slots = tl.arange(0, N_PAD)
-    idx_base = idx_ptr + b * stride_ib + g * stride_ih
-    idx_tile = tl.load(
-        idx_base + tq[:, None] * stride_it + slots[None, :], mask=q_ok[:, None] & (slots < N)[None, :], other=-1
-    ).to(tl.int64)  # [QT, N_PAD]
-
-    m_i = tl.full((QT, G_PAD), float("-inf"), tl.float32)
-    l_i = tl.zeros((QT, G_PAD), tl.float32)
-    acc = tl.zeros((QT, G_PAD, DV_PAD), tl.float32)
-    k_base = k_ptr + b * stride_kb + g * stride_kh
-    v_base = v_ptr + b * stride_vb + g * stride_vh
-    s_off = tl.arange(0, BS_PAD)
-
-    # shared blocks: one [l', D] load for the whole tile
-    for c in tl.static_range(SHARED_INIT + SHARED_LOCAL):
-        if c < SHARED_INIT:
-            blk = c
-        else:
-            blk = own - SHARED_LOCAL + 1 + (c - SHARED_INIT)
-        fresh = (blk >= 0) & ((c < SHARED_INIT) | (blk >= SHARED_INIT))  # a local block < SHARED_INIT was an init one
-        wants = (tl.sum((idx_tile == blk).to(tl.int32), axis=1) > 0) & fresh  # [QT] queries that selected blk
-        if tl.max(wants.to(tl.int32), axis=0) > 0:
-            pos = blk * BS + s_off  # [BS_PAD]
-            pos_ok = (s_off < BS) & (pos < T)
-            kb = tl.load(
-                k_base + pos[:, None] * stride_kt + dk[None, :], mask=pos_ok[:, None] & (dk < DK)[None, :], other=0.0
-            )  # [BS_PAD, DK_PAD]
-            vb = tl.load(
-                v_base + pos[:, None] * stride_vt + dv[None, :], mask=pos_ok[:, None] & (dv < DV)[None, :], other=0.0
-            )  # [BS_PAD, DV_PAD]
-            logits = tl.reshape(mma(q_rows, tl.trans(kb), IEEE, UPCAST), (QT, G_PAD, BS_PAD)) * scale_log2
-            key_ok = wants[:, None] & pos_ok[None, :] & (pos[None, :] <= tq[:, None])  # [QT, BS_PAD]
-            logits = tl.where(key_ok[:, None, :], logits, float("-inf"))  # [QT, G_PAD, BS_PAD]
-            vb_tile = tl.broadcast_to(vb[None, :, :], (QT, BS_PAD, DV_PAD))
-            m_i, l_i, acc = _online_softmax_step_3d(m_i, l_i, acc, logits, vb_tile, IEEE, UPCAST)
-
-    # the other slots: each query's own block, gathered per query
-    for slot in range(N):
-        blk = tl.load(idx_base + tq * stride_it + slot, mask=q_ok, other=-1).to(tl.int64)  # [QT]
-        shared = (blk < SHARED_INIT) | ((blk > own - SHARED_LOCAL) & (blk <= own))
-        need = (blk >= 0) & ~shared  # [QT]
-        if tl.max(need.to(tl.int32), axis=0) > 0:
-            pos = blk[:, None] * BS + s_off[None, :]  # [QT, BS_PAD]
-            key_ok = need[:, None] & (s_off < BS)[None, :] & (pos <= tq[:, None])  # [QT, BS_PAD]
-            kb = tl.load(
-                k_base + pos[:, :, None] * stride_kt + dk[None, None, :],
-                mask=key_ok[:, :, None] & (dk < DK)[None, None, :],
-                other=0.0,
-            )  # [QT, BS_PAD, DK_PAD]
-            vb = tl.load(
-                v_base + pos[:, :, None] * stride_vt + dv[None, None, :],
-                mask=key_ok[:, :, None] & (dv < DV)[None, None, :],
-                other=0.0,
-            )  # [QT, BS_PAD, DV_PAD]
-            logits = mma(q, tl.permute(kb, (0, 2, 1)), IEEE, UPCAST) * scale_log2  # [QT, G_PAD, BS_PAD]
-            logits = tl.where(key_ok[:, None, :], logits, float("-inf"))
-            m_i, l_i, acc = _online_softmax_step_3d(m_i, l_i, acc, logits, vb, IEEE, UPCAST)
-
-    has_key = l_i > 0  # [QT, G_PAD]
-    out = acc / tl.where(has_key, l_i, 1.0)[:, :, None]
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    row_ok = q_ok[:, None] & (h < G)[None, :]  # [QT, G_PAD]
-    tl.store(
-        o_ptr + b * stride_ob + head[None, :, None] * stride_oh + tq[:, None, None] * stride_ot + dv[None, None, :],
-        out.to(o_ptr.dtype.element_ty),
-        mask=row_ok[:, :, None] & (dv < DV)[None, None, :],
-    )
-    tl.store(lse_ptr + b * stride_lb + head[None, :] * stride_lh + tq[:, None], lse, mask=row_ok)
-
-
 def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
-    """Runs the forward kernel on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``.
-
-    ``TUNING["selected_fwd"]``: ``QT`` (queries per program; 1, the default, runs
-    :func:`_selected_fwd_kernel`, more runs :func:`_selected_fwd_tile_kernel` when QT divides l'),
-    ``SHARED_INIT`` / ``SHARED_LOCAL`` (the tile kernel's shared candidates, default 1 / 2),
-    ``num_warps``, ``num_stages``.
-    """
+    """Runs the forward kernel on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``."""
     options = dict(TUNING.get("selected_fwd", {}))
-    qt = options.pop("QT", 1)
-    shared_init, shared_local = options.pop("SHARED_INIT", 1), options.pop("SHARED_LOCAL", 2)
     B, HQ, T, Dk = q.shape
     HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
     G = HQ // HKV
     out = torch.empty(B, HQ, T, Dv, dtype=q.dtype, device=q.device)  # [B, HQ, T, Dv]
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
     g_pad = head_tile(G)
-    dk_pad, dv_pad = dims_pad(Dk), dims_pad(Dv)
-    if qt > 1 and slc_block % qt == 0:
-        kernel, grid = _selected_fwd_tile_kernel, (triton.cdiv(T, qt), B * HKV)
-        extra = dict(N_PAD=triton.next_power_of_2(n), QT=qt, SHARED_INIT=shared_init, SHARED_LOCAL=shared_local)
-        warps = 4 if qt * g_pad * max(dk_pad, dv_pad) <= 64 * 128 else 8
-    else:
-        kernel, grid, extra = _selected_fwd_kernel, (T, B * HKV), {}
-        # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
-        warps = 2 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8
-    launch(kernel)[grid](
+    launch(_selected_fwd_kernel)[(T, B * HKV)](
         q,
         k,
         v,
@@ -328,15 +161,15 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
         G=G,
         G_PAD=g_pad,
         DK=Dk,
-        DK_PAD=dk_pad,
+        DK_PAD=dims_pad(Dk),
         DV=Dv,
-        DV_PAD=dv_pad,
+        DV_PAD=dims_pad(Dv),
         BS=slc_block,
         BS_PAD=dims_pad(slc_block),
         N=n,
         IEEE=q.dtype == torch.float32,
         UPCAST=upcast_dots(q),
-        **extra,
-        **{"num_warps": warps, "num_stages": 2, **options},
+        # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
+        **{"num_warps": 2 if g_pad * max(dims_pad(Dk), dims_pad(Dv)) <= 16 * 128 else 8, "num_stages": 2, **options},
     )
     return out, lse

@@ -27,7 +27,7 @@ from flexnsa.custom_ops import kernel_utils
 VARIANTS = {
     # SKIP_MERGE: timing diagnostic (no top-n merge, wrong indices): splits the time between scores and merge
     "select_v2": [{}, {"SKIP_MERGE": True}, {"maxnreg": 128}, {"BLOCK_C": 128, "num_warps": 8}, {"TRANS": True}],
-    "selected_fwd": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}, {"QT": 4, "num_warps": 8}, {"QT": 8, "num_warps": 4}],
+    "selected_fwd": [{}, {"num_warps": 4, "num_stages": 2}],
     "selected_dq": [{}, {"num_warps": 2}],
     "flex_cmp_fwd": [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},

@@ -504,42 +504,6 @@ def test_interp_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, monkeyp
     assert_keyless_rows_zero(o, lse, grads[0], idx, block)
 
 
-TILE_CASES = [  # G, T, (Dk, Dv), l', n, dtype, QT, indices ("select": the kernel's selection; "random")
-    (1, 45, (16, 16), 8, 4, torch.float32, 4, "select"),  # G = 1, T not a multiple of l'
-    (3, 37, (24, 40), 8, 3, torch.float16, 8, "random"),  # G = 3, dims not powers of two, random slots
-    (16, 29, (16, 16), 8, 3, torch.bfloat16, 2, "select"),  # G = 16
-    (2, 5, (16, 8), 8, 3, torch.float32, 4, "select"),  # T shorter than one block
-    (3, 13, (16, 8), 4, 3, torch.float32, 4, "keyless"),  # keyless rows, int64 indices
-]
-
-
-@interp_only
-@pytest.mark.parametrize("G, T, dims, block, n, dtype, qt, kind", TILE_CASES)
-def test_interp_query_tile_forward(G, T, dims, block, n, dtype, qt, kind, monkeypatch):
-    """The query-tile forward (``TUNING["selected_fwd"]["QT"]``: init/local blocks loaded once per
-    tile of QT queries, the other slots gathered per query) against the reference, forward and
-    backward; float32 equal to the one-query kernel up to rounding; keyless rows exactly zero."""
-    from flexnsa.custom_ops import kernel_utils
-
-    Dk, Dv = dims
-    cfg = flexnsa.NSAConfig(block, block, block, n, 1, 2)
-    q, k, v, k_cmp, lse = make_problem(cfg, 1, 2, G, T, Dk, Dv, dtype, seed=T + G)
-    if kind == "select":
-        idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
-    elif kind == "random":
-        idx = random_indices(1, 2, T, n, cfg.num_blocks(T), seed=G)
-    else:
-        idx = indices_with_keyless_rows(1, 2, T, n, cfg.num_blocks(T), seed=G, dtype=torch.int64)
-    o_one, lse_one = custom_ops.selected_attention(q, k, v, idx, cfg)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt})
-    o, lse_t, grads = check_attention(q, k, v, idx, cfg, seed=G)
-    torch.testing.assert_close(lse_t, lse_one, rtol=1e-5, atol=1e-5)
-    if dtype == torch.float32:
-        torch.testing.assert_close(o, o_one, rtol=1e-5, atol=1e-5)
-    if kind == "keyless":
-        assert_keyless_rows_zero(o, lse_t, grads[0], idx, block)
-
-
 def test_tuning_options_reach_the_kernels(monkeypatch):
     """``TUNING`` options arrive as launch arguments (recorded, nothing runs)."""
     from flexnsa.custom_ops import kernel_utils
@@ -589,12 +553,6 @@ def test_gpu_kernels_match_reference(G, dims, dtype, atomic, monkeypatch):
     assert_selection_agrees(idx, reference.select_blocks(q.cpu(), k_cmp.cpu(), cfg, lse=lse.cpu()), q, k_cmp, cfg)
     check_attention(q, k, v, idx, cfg)
     check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=1, device="cuda"), cfg)
-    from flexnsa.custom_ops import kernel_utils
-
-    for qt in (4, 8):  # the query-tile forward (shared init/local blocks)
-        monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt})
-        check_attention(q, k, v, idx, cfg)
-        check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=2, device="cuda"), cfg)
 
 
 @pytest.mark.gpu
