@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .kernel_utils import dims_pad, head_tile, mma, tuned, upcast_dots
+from .query_tiles import union_block, union_of_selections
 
 __all__ = ["selected_bwd_launch", "build_reverse_index", "DKV_CHUNK"]
 
@@ -126,6 +127,112 @@ def _dq_kernel(
         logits = mma(q, tl.trans(kb), IEEE, UPCAST) * scale_log2  # [G_PAD, BS_PAD]
         p = tl.where(key_ok[None, :] & head_ok[:, None], tl.exp2(logits - lse2[:, None]), 0.0)
         dp = mma(do, tl.trans(vb), IEEE, UPCAST)  # [G_PAD, BS_PAD]
+        ds = p * (dp - delta[:, None])
+        dq += mma(ds.to(kb.dtype), kb, IEEE, UPCAST)
+    tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _dq_union_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    idx_ptr,
+    o_ptr,
+    do_ptr,
+    lse_ptr,  # [B, HQ, T] float32, natural log
+    dq_ptr,  # [B, HQ, T, DK] (output)
+    delta_ptr,  # [B, HQ, T] float32 (output)
+    T,
+    HKV,
+    scale: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_lb,
+    stride_lh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    DK: tl.constexpr,
+    DK_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BS_PAD: tl.constexpr,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    QT: tl.constexpr,  # queries per program (power of two)
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """:func:`_dq_kernel` over tiles of QT consecutive queries: the ``QT * G_PAD`` rows go over the
+    union of the tile's selected blocks, each loaded once (custom_ops/query_tiles.py)."""
+    t0 = tl.program_id(0) * QT
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = (pid_bg % HKV).to(tl.int64)
+
+    rows = tl.arange(0, QT * G_PAD)
+    row_q = rows // G_PAD  # [ROWS] query of the row within the tile
+    row_h = rows % G_PAD
+    row_t = (t0 + row_q).to(tl.int64)  # [ROWS]
+    row_ok = (row_t < T) & (row_h < G)
+    head = g * G + row_h
+    dk = tl.arange(0, DK_PAD)
+    dv = tl.arange(0, DV_PAD)
+    q_off = b * stride_qb + head[:, None] * stride_qh + row_t[:, None] * stride_qt + dk[None, :]
+    q_mask = row_ok[:, None] & (dk[None, :] < DK)
+    q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)  # [ROWS, DK_PAD]
+    o_off = b * stride_ob + head[:, None] * stride_oh + row_t[:, None] * stride_ot + dv[None, :]
+    o_mask = row_ok[:, None] & (dv[None, :] < DV)
+    do = tl.load(do_ptr + o_off, mask=o_mask, other=0.0)  # [ROWS, DV_PAD]
+    o = tl.load(o_ptr + o_off, mask=o_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # [ROWS]
+    lse_off = b * stride_lb + head * stride_lh + row_t
+    tl.store(delta_ptr + lse_off, delta, mask=row_ok)
+    lse = tl.load(lse_ptr + lse_off, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # such rows have no key
+
+    tq = (t0 + tl.arange(0, QT)).to(tl.int64)  # [QT]
+    slots = tl.arange(0, N_PAD)
+    idx_tile = tl.load(
+        idx_ptr + b * stride_ib + g * stride_ih + tq[:, None] * stride_it + slots[None, :],
+        mask=(tq < T)[:, None] & (slots < N)[None, :],
+        other=-1,
+    ).to(tl.int64)  # [QT, N_PAD]
+    flat, rank, num_blocks = union_of_selections(idx_tile, QT, N_PAD)
+
+    scale_log2 = scale * 1.4426950408889634
+    dq = tl.zeros((QT * G_PAD, DK_PAD), tl.float32)
+    k_base = k_ptr + b * stride_kb + g * stride_kh
+    v_base = v_ptr + b * stride_vb + g * stride_vh
+    s_off = tl.arange(0, BS_PAD)
+    for u in range(num_blocks):
+        blk, has_row = union_block(u, flat, rank, idx_tile, row_q, QT)
+        pos = blk * BS + s_off  # [BS_PAD]
+        pos_ok = (s_off < BS) & (pos < T)
+        kb = tl.load(
+            k_base + pos[:, None] * stride_kt + dk[None, :], mask=pos_ok[:, None] & (dk[None, :] < DK), other=0.0
+        )  # [BS_PAD, DK_PAD]
+        vb = tl.load(
+            v_base + pos[:, None] * stride_vt + dv[None, :], mask=pos_ok[:, None] & (dv[None, :] < DV), other=0.0
+        )  # [BS_PAD, DV_PAD]
+        logits = mma(q, tl.trans(kb), IEEE, UPCAST) * scale_log2  # [ROWS, BS_PAD]
+        key_ok = row_ok[:, None] & has_row[:, None] & pos_ok[None, :] & (pos[None, :] <= row_t[:, None])
+        p = tl.where(key_ok, tl.exp2(logits - lse2[:, None]), 0.0)
+        dp = mma(do, tl.trans(vb), IEEE, UPCAST)  # [ROWS, BS_PAD]
         ds = p * (dp - delta[:, None])
         dq += mma(ds.to(kb.dtype), kb, IEEE, UPCAST)
     tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
@@ -358,9 +465,19 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
                   UPCAST=upcast_dots(q))
 
     dq_opts = tuned("selected_dq", num_warps=4 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8, num_stages=2)
+    qt = dq_opts.pop("QT", 1)  # queries per program: > 1 runs the union kernel (custom_ops/query_tiles.py)
+    if qt < 1 or qt & (qt - 1):
+        raise ValueError(f"TUNING['selected_dq']['QT'] must be a power of two, got {qt!r}")
+    if qt > 1:
+        dq_kernel, dq_grid = _dq_union_kernel, (triton.cdiv(T, qt), B * HKV)
+        dq_opts.update(N_PAD=triton.next_power_of_2(n), QT=qt)
+        if "num_warps" not in tuned("selected_dq"):
+            dq_opts["num_warps"] = 4 if qt * g_pad * max(dk_pad, dv_pad) <= 64 * 128 else 8
+    else:
+        dq_kernel, dq_grid = _dq_kernel, (T, B * HKV)
     delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T], written by _dq_kernel
     dq = torch.empty_like(q)  # [B, HQ, T, Dk]
-    launch(_dq_kernel)[(T, B * HKV)](
+    launch(dq_kernel)[dq_grid](
         q, k, v, indices, out, grad_out, lse, dq, delta, T, HKV, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .kernel_utils import LOG2E, TUNING, dims_pad, head_tile, mma, upcast_dots
+from .query_tiles import union_block, union_of_selections
 
 __all__ = ["selected_fwd_launch"]
 
@@ -122,16 +123,143 @@ def _selected_fwd_kernel(
     tl.store(lse_ptr + b * stride_lb + head * stride_lh + t, lse, mask=head_ok)
 
 
+@triton.jit
+def _selected_fwd_union_kernel(
+    q_ptr,  # [B, HQ, T, DK]
+    k_ptr,  # [B, HKV, T, DK]
+    v_ptr,  # [B, HKV, T, DV]
+    idx_ptr,  # [B, HKV, T, N] int32/int64
+    o_ptr,  # [B, HQ, T, DV] (output)
+    lse_ptr,  # [B, HQ, T] float32 (output)
+    T,
+    HKV,
+    scale_log2: tl.constexpr,  # constexpr: see _selected_fwd_kernel
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_lb,
+    stride_lh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    DK: tl.constexpr,
+    DK_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BS: tl.constexpr,  # l'
+    BS_PAD: tl.constexpr,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    QT: tl.constexpr,  # queries per program (power of two)
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Same results as :func:`_selected_fwd_kernel`, one program per tile of QT consecutive queries:
+    the ``QT * G_PAD`` rows (query-major) attend the union of the tile's selected blocks, each block
+    loaded once; a row ignores the blocks its query did not select (see custom_ops/query_tiles.py)."""
+    t0 = tl.program_id(0) * QT
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = (pid_bg % HKV).to(tl.int64)
+
+    rows = tl.arange(0, QT * G_PAD)
+    row_q = rows // G_PAD  # [ROWS] query of the row within the tile
+    row_h = rows % G_PAD
+    row_t = (t0 + row_q).to(tl.int64)  # [ROWS] query position
+    row_ok = (row_t < T) & (row_h < G)
+    head = g * G + row_h  # [ROWS]
+    dk = tl.arange(0, DK_PAD)
+    dv = tl.arange(0, DV_PAD)
+    q = tl.load(
+        q_ptr + b * stride_qb + head[:, None] * stride_qh + row_t[:, None] * stride_qt + dk[None, :],
+        mask=row_ok[:, None] & (dk[None, :] < DK),
+        other=0.0,
+    )  # [ROWS, DK_PAD]
+    tq = (t0 + tl.arange(0, QT)).to(tl.int64)  # [QT]
+    slots = tl.arange(0, N_PAD)
+    idx_tile = tl.load(
+        idx_ptr + b * stride_ib + g * stride_ih + tq[:, None] * stride_it + slots[None, :],
+        mask=(tq < T)[:, None] & (slots < N)[None, :],
+        other=-1,
+    ).to(tl.int64)  # [QT, N_PAD]
+    flat, rank, num_blocks = union_of_selections(idx_tile, QT, N_PAD)
+
+    m_i = tl.full((QT * G_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((QT * G_PAD,), tl.float32)
+    acc = tl.zeros((QT * G_PAD, DV_PAD), tl.float32)
+    k_base = k_ptr + b * stride_kb + g * stride_kh
+    v_base = v_ptr + b * stride_vb + g * stride_vh
+    s_off = tl.arange(0, BS_PAD)
+    for u in range(num_blocks):
+        blk, has_row = union_block(u, flat, rank, idx_tile, row_q, QT)
+        pos = blk * BS + s_off  # [BS_PAD]
+        pos_ok = (s_off < BS) & (pos < T)
+        kb = tl.load(
+            k_base + pos[:, None] * stride_kt + dk[None, :], mask=pos_ok[:, None] & (dk[None, :] < DK), other=0.0
+        )  # [BS_PAD, DK_PAD]
+        vb = tl.load(
+            v_base + pos[:, None] * stride_vt + dv[None, :], mask=pos_ok[:, None] & (dv[None, :] < DV), other=0.0
+        )  # [BS_PAD, DV_PAD]
+        logits = mma(q, tl.trans(kb), IEEE, UPCAST) * scale_log2  # [ROWS, BS_PAD]
+        key_ok = has_row[:, None] & pos_ok[None, :] & (pos[None, :] <= row_t[:, None])
+        logits = tl.where(key_ok, logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(logits - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + mma(p.to(vb.dtype), vb, IEEE, UPCAST)
+        m_i = m_new
+
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(
+        o_ptr + b * stride_ob + head[:, None] * stride_oh + row_t[:, None] * stride_ot + dv[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (dv[None, :] < DV),
+    )
+    tl.store(lse_ptr + b * stride_lb + head * stride_lh + row_t, lse, mask=row_ok)
+
+
 def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
-    """Runs the forward kernel on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``."""
+    """Runs the forward kernel on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``.
+
+    ``TUNING["selected_fwd"]``: ``QT`` (queries per program, a power of two; 1, the default, runs
+    :func:`_selected_fwd_kernel`, more :func:`_selected_fwd_union_kernel`), ``num_warps``,
+    ``num_stages``.
+    """
     options = dict(TUNING.get("selected_fwd", {}))
+    qt = options.pop("QT", 1)
+    if qt < 1 or qt & (qt - 1):
+        raise ValueError(f"TUNING['selected_fwd']['QT'] must be a power of two, got {qt!r}")
     B, HQ, T, Dk = q.shape
     HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
     G = HQ // HKV
     out = torch.empty(B, HQ, T, Dv, dtype=q.dtype, device=q.device)  # [B, HQ, T, Dv]
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
     g_pad = head_tile(G)
-    launch(_selected_fwd_kernel)[(T, B * HKV)](
+    dk_pad, dv_pad = dims_pad(Dk), dims_pad(Dv)
+    if qt > 1:
+        kernel, grid = _selected_fwd_union_kernel, (triton.cdiv(T, qt), B * HKV)
+        extra = dict(N_PAD=triton.next_power_of_2(n), QT=qt)
+        warps = 4 if qt * g_pad * max(dk_pad, dv_pad) <= 64 * 128 else 8
+    else:
+        kernel, grid, extra = _selected_fwd_kernel, (T, B * HKV), {}
+        # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
+        warps = 2 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8
+    launch(kernel)[grid](
         q,
         k,
         v,
@@ -161,15 +289,15 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
         G=G,
         G_PAD=g_pad,
         DK=Dk,
-        DK_PAD=dims_pad(Dk),
+        DK_PAD=dk_pad,
         DV=Dv,
-        DV_PAD=dims_pad(Dv),
+        DV_PAD=dv_pad,
         BS=slc_block,
         BS_PAD=dims_pad(slc_block),
         N=n,
         IEEE=q.dtype == torch.float32,
         UPCAST=upcast_dots(q),
-        # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
-        **{"num_warps": 2 if g_pad * max(dims_pad(Dk), dims_pad(Dv)) <= 16 * 128 else 8, "num_stages": 2, **options},
+        **extra,
+        **{"num_warps": warps, "num_stages": 2, **options},
     )
     return out, lse

@@ -27,14 +27,18 @@ from flexnsa.custom_ops import kernel_utils
 VARIANTS = {
     # SKIP_MERGE: timing diagnostic (no top-n merge, wrong indices): splits the time between scores and merge
     "select_v2": [{}, {"SKIP_MERGE": True}, {"maxnreg": 128}, {"BLOCK_C": 128, "num_warps": 8}, {"TRANS": True}],
-    "selected_fwd": [{}, {"num_warps": 4, "num_stages": 2}],
-    "selected_dq": [{}, {"num_warps": 2}],
+    "selected_fwd": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}, {"QT": 4, "num_warps": 8}],
+    "selected_dq": [{}, {"QT": 2}, {"QT": 4}, {"QT": 4, "num_warps": 8}],
+    # the same kernels on the selections of correlated queries (each query the mean of 64 random ones,
+    # rescaled): neighbours then share most blocks, as in trained models
+    "selected_fwd_corr": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}],
+    "selected_dq_corr": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}],
     "flex_cmp_fwd": [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
                      {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}],
-    "flex_win_fwd": [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-                     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}],
+    "flex_win_fwd": [{}, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}],
     # compressed branch forward+backward: query chunks (None: default_num_chunks) and K/V expanded to
     # the HQ query heads (FlexAttention's dK/dV pass then has HQ/HKV times more programs)
     "flex_cmp_train": [{}, {"chunks": 32}, {"expand": True}, {"expand": True, "chunks": 8}],
@@ -72,6 +76,11 @@ def main() -> int:
         ref_sorted = idx_ref.sort(-1).values
         o, lse_s = custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale)
         do = randn(*o.shape)
+        csum = torch.nn.functional.pad(q.float().cumsum(2), (0, 0, 64, 0))  # [B, HQ, 64 + T, D]
+        q_corr = ((csum[:, :, 64:] - csum[:, :, :-64]) / 8).bfloat16()  # mean of 64 queries x sqrt(64)
+        _, lse_c = flexnsa.compressed_attention(q_corr, kc, vc, cfg, scale=scale, return_lse=True)
+        idx_corr = custom_ops.select_blocks(q_corr, kc, lse_c.float().contiguous(), cfg, scale)
+        o_corr, lse_corr = custom_ops.selected_attention(q_corr, k, v, idx_corr, cfg, scale)
         qg = q.detach().requires_grad_(True)
         kcg, vcg = kc.detach().requires_grad_(True), vc.detach().requires_grad_(True)
         do_c = randn(B, HQ, T, D)
@@ -86,6 +95,9 @@ def main() -> int:
             "selected_fwd": lambda: custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale),
             "selected_dq": lambda: torch.ops.flexnsa.selected_attention_backward(
                 do, q, k, v, o, lse_s, idx_ref, cfg.slc_block, scale, True),
+            "selected_fwd_corr": lambda: custom_ops.selected_attention(q_corr, k, v, idx_corr, cfg, scale),
+            "selected_dq_corr": lambda: torch.ops.flexnsa.selected_attention_backward(
+                do, q_corr, k, v, o_corr, lse_corr, idx_corr, cfg.slc_block, scale, True),
             "flex_cmp_fwd": lambda: flexnsa.compressed_attention(q, kc, vc, cfg, scale=scale, return_lse=True),
             "flex_win_fwd": lambda: flexnsa.sliding_window_attention(q, k, v, cfg.window, scale=scale),
             "selected_dkv": lambda: torch.ops.flexnsa.selected_attention_backward(
@@ -109,14 +121,15 @@ def main() -> int:
                 if name.startswith("flex_"):
                     flex_runtime.KERNEL_OPTIONS_OVERRIDE = dict(variant) if variant else None
                 else:
-                    kernel_utils.TUNING[name] = dict(variant)
+                    kernel_utils.TUNING[name.removesuffix("_corr")] = dict(variant)
                 try:
                     with torch.no_grad():
                         out = calls[name]()
                         if name == "select_v2":
                             row["rows_differing"] = int((out.sort(-1).values != ref_sorted).any(-1).sum())
-                        if name == "selected_fwd":  # against the default kernel's output
-                            row["max_abs_diff_o"] = float((out[0].float() - o.float()).abs().max())
+                        if name.startswith("selected_fwd"):  # against the default kernel's output
+                            want = o_corr if name.endswith("_corr") else o
+                            row["max_abs_diff_o"] = float((out[0].float() - want.float()).abs().max())
                         row["ms"] = median_ms(calls[name], q.device)
                 except Exception as err:  # a variant that does not compile is a finding
                     row["error"] = repr(err)[:160]
@@ -124,7 +137,7 @@ def main() -> int:
                 flex_runtime.KERNEL_OPTIONS_OVERRIDE = None
                 rows.append(row)
                 print(row, flush=True)
-        del q, k, v, kc, vc, lse, o, do, qg, kcg, vcg, do_c
+        del q, k, v, kc, vc, lse, o, do, qg, kcg, vcg, do_c, q_corr, idx_corr, o_corr, lse_corr
         torch.cuda.empty_cache()
     md = ["# Launch-parameter sweep (bf16, B=1, HQ=64, HKV=4, D=128, paper config)", "",
           "| T | kernel | variant | ms | select rows differing from default / fwd max abs diff of o | error |", "|---|---|---|---|---|---|"]

@@ -504,6 +504,62 @@ def test_interp_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, monkeyp
     assert_keyless_rows_zero(o, lse, grads[0], idx, block)
 
 
+TILE_CASES = [  # G, T, (Dk, Dv), l', n, dtype, QT, indices ("select": the kernel's selection; "random")
+    (1, 45, (16, 16), 8, 4, torch.float32, 4, "select"),  # G = 1, T not a multiple of l'
+    (3, 37, (24, 40), 8, 3, torch.float16, 8, "random"),  # G = 3, dims not powers of two, random slots
+    (16, 29, (16, 16), 8, 3, torch.bfloat16, 2, "select"),  # G = 16
+    (2, 5, (16, 8), 8, 3, torch.float32, 4, "select"),  # T shorter than one block
+    (3, 13, (16, 8), 4, 3, torch.float32, 4, "keyless"),  # keyless rows, int64 indices
+]
+
+
+@interp_only
+@pytest.mark.parametrize("G, T, dims, block, n, dtype, qt, kind", TILE_CASES)
+def test_interp_query_tile_kernels(G, T, dims, block, n, dtype, qt, kind, monkeypatch):
+    """Forward and dq over tiles of QT queries (``TUNING[...]["QT"]``: each distinct block of the
+    tile's selections loaded once): against the reference, forward and backward; float32 equal to the
+    one-query kernels up to rounding; keyless rows exactly zero."""
+    from flexnsa.custom_ops import kernel_utils
+
+    Dk, Dv = dims
+    cfg = flexnsa.NSAConfig(block, block, block, n, 1, 2)
+    q, k, v, k_cmp, lse = make_problem(cfg, 1, 2, G, T, Dk, Dv, dtype, seed=T + G)
+    if kind == "select":
+        idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    elif kind == "random":
+        idx = random_indices(1, 2, T, n, cfg.num_blocks(T), seed=G)
+    else:
+        idx = indices_with_keyless_rows(1, 2, T, n, cfg.num_blocks(T), seed=G, dtype=torch.int64)
+    o_one, lse_one, grads_one = check_attention(q, k, v, idx, cfg, seed=G)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt})
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": qt})
+    o, lse_t, grads = check_attention(q, k, v, idx, cfg, seed=G)
+    torch.testing.assert_close(lse_t, lse_one, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(o, o_one, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads[0], grads_one[0], rtol=1e-5, atol=1e-5)
+    if kind == "keyless":
+        assert_keyless_rows_zero(o, lse_t, grads[0], idx, block)
+
+
+def test_query_tile_must_be_a_power_of_two(monkeypatch):
+    from flexnsa.custom_ops import kernel_utils
+    from flexnsa.custom_ops.selected_bwd import selected_bwd_launch
+    from flexnsa.custom_ops.selected_fwd import selected_fwd_launch
+
+    def no_launch(kernel):
+        raise AssertionError(f"{kernel} launched")
+
+    q, k, v = torch.zeros(1, 2, 8, 16), torch.zeros(1, 1, 8, 16), torch.zeros(1, 1, 8, 16)
+    idx = torch.zeros(1, 1, 8, 2, dtype=torch.int32)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": 3})
+    with pytest.raises(ValueError, match="QT"):
+        selected_fwd_launch(no_launch, q, k, v, idx, 8, 0.25)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": 0})
+    with pytest.raises(ValueError, match="QT"):
+        selected_bwd_launch(no_launch, q, q, k, v, q, torch.zeros(1, 2, 8), idx, 8, 0.25, atomic=False)
+
+
 def test_tuning_options_reach_the_kernels(monkeypatch):
     """``TUNING`` options arrive as launch arguments (recorded, nothing runs)."""
     from flexnsa.custom_ops import kernel_utils
@@ -553,6 +609,13 @@ def test_gpu_kernels_match_reference(G, dims, dtype, atomic, monkeypatch):
     assert_selection_agrees(idx, reference.select_blocks(q.cpu(), k_cmp.cpu(), cfg, lse=lse.cpu()), q, k_cmp, cfg)
     check_attention(q, k, v, idx, cfg)
     check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=1, device="cuda"), cfg)
+    from flexnsa.custom_ops import kernel_utils
+
+    for qt in (2, 4, 8):  # forward and dq over query tiles (union of the tile's blocks)
+        monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt})
+        monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": qt})
+        check_attention(q, k, v, idx, cfg)
+        check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=2, device="cuda"), cfg)
 
 
 @pytest.mark.gpu
