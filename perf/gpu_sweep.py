@@ -33,15 +33,14 @@ VARIANTS = {
     # rescaled): neighbours then share most blocks, as in trained models
     "selected_fwd_corr": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}],
     "selected_dq_corr": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}],
-    "flex_cmp_fwd": [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-                     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-                     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-                     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}],
-    "flex_win_fwd": [{}, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-                     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}],
+    "flex_cmp_fwd": [{}, {"USE_TMA": True}, {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+                     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}],
+    "flex_win_fwd": [{}, {"USE_TMA": True}, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                     {"ROWS_GUARANTEED_SAFE": True}],
     # compressed branch forward+backward: query chunks (None: default_num_chunks) and K/V expanded to
     # the HQ query heads (FlexAttention's dK/dV pass then has HQ/HKV times more programs)
-    "flex_cmp_train": [{}, {"chunks": 32}, {"expand": True}, {"expand": True, "chunks": 8}],
+    "flex_cmp_train": [{}, {"chunks": 32}, {"expand": True}, {"expand": True, "chunks": 8},
+                       {"expand": True, "USE_TMA": True}],
     "selected_dkv": [{}, {"num_stages": 3}, {"ROWS": 32, "num_warps": 4}, {"ROWS": 32, "num_warps": 4, "num_stages": 3},
                      {"num_warps": 8}, {"ROWS": 128}, {"ROWS": 128, "num_warps": 8},
                      {"num_stages": 1}, {"CHUNK": 256}],
@@ -85,9 +84,11 @@ def main() -> int:
         kcg, vcg = kc.detach().requires_grad_(True), vc.detach().requires_grad_(True)
         do_c = randn(B, HQ, T, D)
 
-        def cmp_train(chunks=None, expand=False):
+        def cmp_train(chunks=None, expand=None, **options):
+            flex_runtime.KERNEL_OPTIONS_OVERRIDE = options or None
             kx, vx = (kcg.repeat_interleave(HQ // HKV, 1), vcg.repeat_interleave(HQ // HKV, 1)) if expand else (kcg, vcg)
-            out_c, lse_c = flexnsa.compressed_attention(qg, kx, vx, cfg, scale=scale, return_lse=True, _num_chunks=chunks)
+            out_c, lse_c = flexnsa.compressed_attention(
+                qg, kx, vx, cfg, scale=scale, return_lse=True, _num_chunks=chunks, _expand_heads=False)
             torch.autograd.backward((out_c, lse_c), (do_c, torch.zeros_like(lse_c)))
 
         calls = {
@@ -115,6 +116,7 @@ def main() -> int:
                         row["ms"] = median_ms(lambda: cmp_train(**variant), q.device, leaves=(qg, kcg, vcg))
                     except Exception as err:
                         row["error"] = repr(err)[:160]
+                    flex_runtime.KERNEL_OPTIONS_OVERRIDE = None
                     rows.append(row)
                     print(row, flush=True)
                     continue
