@@ -32,6 +32,14 @@ from .masks.sliding_window import sliding_window
 __all__ = ["sliding_window_attention", "compressed_attention", "default_num_chunks"]
 
 _Q_BLOCK = DEFAULT_BLOCK_SIZE  # query rows per BlockMask tile; chunk lengths are multiples of it
+# Forward-only FlexAttention tiles (16-bit, head dims <= 128; flex_runtime.call_flex), measured on the
+# H200 (torch 2.11, paper shape, perf/results/h200/sweep-3.md): window 64x64 tiles, 4 warps, 3 stages:
+# 4.34 -> 4.12 ms at 64k, 0.527 -> 0.480 ms at 8k; compressed with TMA loads and 128x128 tiles on
+# 8 warps: 12.05 -> 11.45 ms at 64k (Tc = 4095) but 0.378 -> 0.433 ms at 8k (Tc = 511), hence a
+# threshold on Tc (2048: between the two measured points).
+_WINDOW_FWD_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+_COMPRESSED_FWD_OPTIONS = {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+_COMPRESSED_TMA_MIN_KEYS = 2048
 _TARGET_KV_PROGRAMS = 1024  # dK/dV programs wanted in the compressed backward (H200: 132 SMs)
 _MIN_CHUNK = 1024  # shortest query chunk worth a batch entry
 _MAX_CHUNKS = 64
@@ -163,7 +171,7 @@ def sliding_window_attention(q, k, v, window, scale=None, *, mask_mod=None, _pat
         dense = evaluate_mask_mod(window_and_user, T, T, B, HQ, q.device)  # [B, HQ, T, T]
         return reference.masked_attention(q, k, v, dense, scale)[0]
     block_mask = _window_block_mask(T, window, q.device, mask_mod)
-    out, _ = call_flex(path, q, k, v, block_mask, scale, want_lse=False)
+    out, _ = call_flex(path, q, k, v, block_mask, scale, want_lse=False, forward_options=_WINDOW_FWD_OPTIONS)
     return out  # [B, HQ, T, Dv]
 
 
@@ -270,7 +278,8 @@ def _flex_compressed(path, q, k_cmp, v_cmp, config, scale, want_lse, user_mask_m
     C, Tq = _chunk_layout(T, num_chunks)
     block_mask = _compressed_block_mask(T, Tc, config, B, C, Tq, q.device, user_mask_mod)
     if C == 1:
-        out, lse = call_flex(path, q, k_cmp, v_cmp, block_mask, scale, want_lse)
+        options = _COMPRESSED_FWD_OPTIONS if Tc >= _COMPRESSED_TMA_MIN_KEYS else None
+        out, lse = call_flex(path, q, k_cmp, v_cmp, block_mask, scale, want_lse, forward_options=options)
     else:
         q_chunks = _to_chunks(q, C, Tq)  # [B*C, HQ, Tq, Dk]
         if B == 1:  # FlexAttention broadcasts a batch-1 K/V over the query batch

@@ -433,6 +433,31 @@ def test_cuda_forward_backward_match_reference(dtype):
             assert_within_reference_error(g, e, lp, dtype, f"{name} grad")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_only_tiles_match_reference():
+    """Forward-only calls use the branches' measured FlexAttention tiles (window 64x64; compressed
+    with TMA loads once Tc >= 2048): still within the bf16 reference's error, lse included."""
+    from flexnsa import flex_runtime
+
+    cfg = flexnsa.NSAConfig()
+    q, k, v = window_inputs(dict(B=1, HQ=4, HKV=2, T=3000, Dk=128, Dv=128, seed=1), torch.bfloat16, "cuda")
+    assert flex_runtime.kernel_options_for(q, v, fb._WINDOW_FWD_OPTIONS) == fb._WINDOW_FWD_OPTIONS
+    with torch.no_grad():
+        out = fb.sliding_window_attention(q, k, v, cfg.window)
+    exact, lowp = window_reference(q.cpu(), k.cpu(), v.cpu(), cfg.window, torch.bfloat16)
+    assert_within_reference_error(out.cpu(), exact, lowp, torch.bfloat16, "window o (forward tiles)")
+
+    s = dict(B=1, HQ=2, HKV=1, T=33000, Dk=128, Dv=128, seed=2)
+    assert cfg.num_cmp_tokens(s["T"]) >= fb._COMPRESSED_TMA_MIN_KEYS
+    q, kc, vc = compressed_inputs(s, cfg, torch.bfloat16, "cuda")
+    with torch.no_grad():
+        out, lse = fb.compressed_attention(q, kc, vc, cfg, return_lse=True)
+    (exact, exact_lse), (lowp, lowp_lse) = compressed_reference(q, kc, vc, cfg)
+    assert_within_reference_error(out, exact, lowp, torch.bfloat16, "compressed o (TMA tiles)")
+    assert_within_reference_error(lse, exact_lse, lowp_lse, torch.bfloat16, "compressed lse (TMA tiles)")
+
+
 @pytest.mark.parametrize("branch", ["compressed", "window"])
 def test_empty_branch_has_zero_gradients(branch):
     """T < l (no compressed token) and window 0 return zeros that autograd still sees as a function of
