@@ -12,6 +12,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+DEFAULT_QT = 1  # queries per tile by default (1: the one-query kernels only)
+
+
+def union_threshold(qt: int, n: int) -> int:
+    """Largest union (distinct blocks of a tile of ``qt`` queries with ``n`` slots each) for which the
+    tile kernels run: measured on the H200 (paper shape, QT=4, random selections), a union block
+    costs ~1.47x one query's block in the one-query kernels (64k: 19.87 ms for ~55 blocks per tile
+    against 15.57 ms for 64; 8k: 1.795 ms for ~41 against 1.91 ms), so they break even near 2/3 of
+    ``qt * n``."""
+    return (2 * qt * n) // 3
+
 
 @triton.jit
 def union_of_selections(idx_tile, QT: tl.constexpr, N_PAD: tl.constexpr):
@@ -41,3 +52,23 @@ def union_block(u, flat, rank, idx_tile, row_q, QT: tl.constexpr):
     qi = tl.arange(0, QT)
     has_row = tl.sum(tl.where(qi[None, :] == row_q[:, None], has[None, :], 0), axis=1) > 0  # [ROWS]
     return blk, has_row
+
+
+@triton.jit
+def claim_tile(idx_ptr, done_ptr, b, g, pid_bg, t0, T, stride_ib, stride_ih, stride_it,
+               QT: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, MAX_UNION: tl.constexpr):  # fmt: skip
+    """Loads the selections of the tile of queries ``t0 .. t0 + QT - 1`` (``idx [B, HKV, T, N]``,
+    ``-1`` past T), computes their union (:func:`union_of_selections`) and flags in ``done_ptr``
+    (``int8 [B * HKV, cdiv(T, QT)]``) whether the union kernel takes the tile (at most MAX_UNION
+    distinct blocks). Returns ``(take, idx_tile, flat, rank, num_blocks)``."""
+    tq = (t0 + tl.arange(0, QT)).to(tl.int64)  # [QT]
+    slots = tl.arange(0, N_PAD)
+    idx_tile = tl.load(
+        idx_ptr + b * stride_ib + g * stride_ih + tq[:, None] * stride_it + slots[None, :],
+        mask=(tq < T)[:, None] & (slots < N)[None, :],
+        other=-1,
+    ).to(tl.int64)  # [QT, N_PAD]
+    flat, rank, num_blocks = union_of_selections(idx_tile, QT, N_PAD)
+    take = num_blocks <= MAX_UNION
+    tl.store(done_ptr + pid_bg * tl.cdiv(T, QT) + t0 // QT, take.to(tl.int8))
+    return take, idx_tile, flat, rank, num_blocks

@@ -21,12 +21,18 @@ tokens starting at ``j0*R - (M-1)``, so neighbouring chunks recompute ``M-1`` to
 of a chunk, ``[BLOCK_T, BLOCK_J]``, are merged into the running top-n ``[BLOCK_T, N_PAD]`` by ``n``
 passes of argmax; a chunk whose best key beats no row's current n-th key is skipped.
 
-Two kernels, chosen by ``FLEXNSA_SELECT_IMPL`` at every launch: ``v2`` (the default) and ``v1``
-(the description above). v2 keeps the n best blocks unordered and, while a row's best new block
+Three paths, chosen by ``FLEXNSA_SELECT_IMPL`` at every launch: ``v2`` (the default), ``v1`` (the
+description above) and ``split``. v2 keeps the n best blocks unordered and, while a row's best new block
 beats its worst kept one (a strictly higher key), swaps them (rounds = entries, not n); skips the
 visibility mask on steps fully visible to the tile; uses ``exp2``; splits the head dim into two
 powers of two (192 = 128 + 64) instead of padding; prefetches the next step's ``k_cmp`` by hand.
 See perf/NOTES.md, "select kernel v2".
+
+split takes v2's data-dependent merge out of the chunk loop: the v2 kernel with ``STORE_KEYS`` stores
+each chunk's keys (the same tiles and arithmetic, so the same float32 keys) into a buffer
+``[B, HKV, TQ, NB]`` float32, and ``_topn_kernel`` bisects each row's n-th largest key (see the comment
+above it). The queries run in chunks of ``TQ`` (a Python loop of launches) that keep the buffer within
+``SPLIT_KEYS_BYTES``: it grows as ``T * NB``, quadratically in T.
 """
 
 from __future__ import annotations
@@ -257,12 +263,20 @@ def _select_topn_kernel_v2(
     UPCAST: tl.constexpr,
     TRANS: tl.constexpr,  # k_cmp @ q^T (needs HEAD_STEP == G_PAD)
     SKIP_MERGE: tl.constexpr,  # timing diagnostic only (perf/gpu_sweep.py): no top-n merge, WRONG indices
+    keys_ptr,  # STORE_KEYS: [B, HKV, TQ, NB] float32 (output), else None
+    t_start,  # STORE_KEYS: first query of this launch (the grid covers queries t_start ..)
+    stride_yb,
+    stride_yh,
+    stride_yt,
+    STORE_KEYS: tl.constexpr,  # "split": store each chunk's keys instead of merging (idx_ptr unused)
 ):
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # longest (latest) query tiles first
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     g = (pid_bg % HKV).to(tl.int64)
     t0 = pid_t * BLOCK_T
+    if STORE_KEYS:
+        t0 += t_start
 
     rows = tl.arange(0, BLOCK_T * HEAD_STEP)
     row_t = t0 + rows // HEAD_STEP  # [ROWS] query position of each row
@@ -370,7 +384,11 @@ def _select_topn_kernel_v2(
         # Threshold insertion: the best new block replaces the kept set's worst entry while it beats
         # it (a strictly higher key: kept blocks have lower indices, so they win ties). Rows without
         # such a block do nothing; the loop runs max-over-rows-of-entries times (often 0).
-        if SKIP_MERGE:  # keeps the scores live (one row max) so the timing still includes them
+        if STORE_KEYS:  # every block of the chunk up to the tile's last one (a row reads j <= its own block)
+            y_rows = keys_ptr + b * stride_yb + g * stride_yh + (tq - t_start).to(tl.int64) * stride_yt
+            y_ok = (tq < T)[:, None] & ((jj < BLOCKS_PER_CHUNK) & (blk <= last_block))[None, :]
+            tl.store(y_rows[:, None] + blk[None, :], key, mask=y_ok)
+        elif SKIP_MERGE:  # keeps the scores live (one row max) so the timing still includes them
             top_val = tl.maximum(top_val, tl.max(key, axis=1)[:, None])
         else:
             best_new = tl.max(key, axis=1)  # [BLOCK_T]
@@ -388,9 +406,173 @@ def _select_topn_kernel_v2(
                 worst_idx = tl.max(tl.where(top_val == worst_val[:, None], top_idx, -1), axis=1)
                 enters = best_new > worst_val
 
-    out = tl.where(top_val > float("-inf"), top_idx, -1)  # [BLOCK_T, N_PAD]
-    out_ptrs = idx_ptr + b * stride_ib + g * stride_ih + tq.to(tl.int64)[:, None] * stride_it + slot[None, :]
-    tl.store(out_ptrs, out, mask=(tq[:, None] < T) & (slot[None, :] < N))
+    if not STORE_KEYS:
+        out = tl.where(top_val > float("-inf"), top_idx, -1)  # [BLOCK_T, N_PAD]
+        out_ptrs = idx_ptr + b * stride_ib + g * stride_ih + tq.to(tl.int64)[:, None] * stride_it + slot[None, :]
+        tl.store(out_ptrs, out, mask=(tq[:, None] < T) & (slot[None, :] < N))
+
+
+# ---- split: v2's scores stored per query chunk, then a top-n kernel per row --------------------
+# The top-n of a row t reads its keys k[j], j <= t // l' (the later ones are -inf; the scores kernel
+# may not have written them) as int32 patterns v with the order of the floats (+0 == -0, -inf and
+# absent blocks -> INT32_MIN, never chosen) and binary-searches the n-th largest pattern theta:
+#   lo: count(v >= lo) > n,  hi: count(v >= hi) = c_hi <= n,  from lo = INT32_MIN + 1, hi = INT32_MAX.
+# A pass counts the keys >= mid = (lo + hi) // 2 (a compare and an add per key, a row reduction).
+# A row stops when count(v >= hi) == n (the set is v >= hi: the first mid that falls between the n-th
+# and the (n+1)-th key) or when hi == lo + 1 (theta = lo, at most 31 passes: exact ties): then the set
+# is v >= hi plus the n - c_hi lowest blocks with v == lo (prefix count). Rows with at most n eligible
+# blocks take them all (no pass). A program loops while one of its rows is not done. Simulated on the
+# reference keys of random inputs (T=4096, paper config, G=16): 14.7 passes per row on average
+# (max 24), 17.0 per program of 4 rows.
+# Cost at 64k, paper shape (B=1, HKV=4, T=65536, l'=64 -> NB=1024, n=16; a PREDICTION, not measured):
+# 262144 rows; a program holds ROWS=4 rows (4 warps, 32 keys per thread) of a width W in registers,
+# W = 256, 512 or 1024 by the program's last own block (mean width 0.69 * 1024 = 704). Per key and
+# pass ~2.5 instructions (compare, select, add): 262144 * 704 * 17 passes * 2.5 = 7.8e9, plus the row
+# reductions (~10 warp instructions per row and pass: 262144 * 17 * 10 * 32 = 1.4e9 lane instructions)
+# and per key once the load, the pattern map and two prefix sums (~15: 2.8e9): ~1.2e10 lane
+# instructions, 0.36 ms at the H200's ~3.3e13 lane instructions/s (132 SMs x 128 lanes x 1.98 GHz);
+# bytes: the keys read once, only j <= t // l' (262144 * 512.5 * 4 B = 0.54 GB, 0.13 ms at ~4 TB/s),
+# the indices 17 MB. Predicted 0.4-0.7 ms; the scores kernel writes the same 0.54 GB (~0.15 ms more).
+_INT32_MIN = tl.constexpr(-(2**31))
+_INT32_MAX = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _ordered_keys(key_rows, rows_ok, own, j):
+    """``[ROWS, W]`` int32 patterns of the keys of blocks ``j`` (ordered like the floats, ``+0 == -0``);
+    ``INT32_MIN`` for ``-inf``, NaN and blocks after the row's own block (never read)."""
+    ok = rows_ok[:, None] & (j[None, :] <= own[:, None])
+    key = tl.load(key_rows[:, None] + j[None, :], mask=ok, other=float("-inf"))
+    bits = key.to(tl.int32, bitcast=True)
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse their order
+    bits = tl.where(key == 0.0, 0, bits)
+    return tl.where(key > float("-inf"), bits, _INT32_MIN)
+
+
+@triton.jit
+def _search_start(c_valid, N: tl.constexpr):
+    """Search state ``(lo, hi, c_hi, done)`` of rows with ``c_valid`` eligible blocks; rows with at
+    most ``N`` are done: all of them (``v >= hi = INT32_MIN + 1``)."""
+    lo = tl.zeros_like(c_valid) + (_INT32_MIN + 1)
+    done = c_valid <= N
+    return lo, tl.where(done, lo, _INT32_MAX), tl.where(done, c_valid, 0), done
+
+
+@triton.jit
+def _search_step(c, mid, lo, hi, c_hi, done, N: tl.constexpr):
+    """One bisection step given ``c = count(v >= mid)`` (rows already done keep their state)."""
+    down = (c <= N) & ~done
+    hi = tl.where(down, mid, hi)
+    c_hi = tl.where(down, c, c_hi)
+    lo = tl.where((c > N) & ~done, mid, lo)
+    return lo, hi, c_hi, done | (c_hi == N) | (hi <= lo + 1)
+
+
+@triton.jit
+def _midpoint(lo, hi):
+    return (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+
+
+@triton.jit
+def _emit(v, j, lo, hi, quota, ties_before, n_out, out_rows, rows_ok):
+    """Stores the blocks ``j`` of one tile that the search chose (``v >= hi``, and ``v == lo`` while
+    at most ``quota`` came before) to the row's next slots; returns the updated ``(ties_before, n_out)``."""
+    tie = v == lo[:, None]
+    rank = ties_before[:, None] + tl.cumsum(tie.to(tl.int32), axis=1)
+    take = (v >= hi[:, None]) | (tie & (rank <= quota[:, None]))
+    pos = n_out[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
+    tl.store(out_rows[:, None] + pos, tl.zeros_like(pos) + j[None, :], mask=take & rows_ok[:, None])
+    return ties_before + tl.sum(tie.to(tl.int32), axis=1), n_out + tl.sum(take.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _topn_rows_resident(key_rows, out_rows, rows_ok, own, N: tl.constexpr, W: tl.constexpr):
+    """Top-n of rows whose eligible blocks all lie in ``[0, W)``: the keys stay in registers."""
+    j = tl.arange(0, W)
+    v = _ordered_keys(key_rows, rows_ok, own, j)  # [ROWS, W]
+    lo, hi, c_hi, done = _search_start(tl.sum((v > _INT32_MIN).to(tl.int32), axis=1), N)
+    while tl.max((~done).to(tl.int32), axis=0) > 0:
+        mid = _midpoint(lo, hi)
+        c = tl.sum((v >= mid[:, None]).to(tl.int32), axis=1)
+        lo, hi, c_hi, done = _search_step(c, mid, lo, hi, c_hi, done, N)
+    zero = tl.zeros_like(c_hi)
+    _, n_out = _emit(v, j, lo, hi, N - c_hi, zero, zero, out_rows, rows_ok)
+    return n_out
+
+
+@triton.jit
+def _count_streamed(key_rows, rows_ok, own, mid, ncols, W: tl.constexpr):
+    """``count(v >= mid)`` per row, the keys read in column tiles of ``W``."""
+    c = tl.zeros_like(own)
+    for c0 in range(0, ncols, W):
+        v = _ordered_keys(key_rows, rows_ok, own, c0 + tl.arange(0, W))
+        c += tl.sum((v >= mid[:, None]).to(tl.int32), axis=1)
+    return c
+
+
+@triton.jit
+def _topn_rows_streamed(key_rows, out_rows, rows_ok, own, ncols, N: tl.constexpr, W: tl.constexpr):
+    """Top-n of rows of any length: every pass re-reads the keys in column tiles of ``W``."""
+    lowest = tl.zeros_like(own) + (_INT32_MIN + 1)
+    lo, hi, c_hi, done = _search_start(_count_streamed(key_rows, rows_ok, own, lowest, ncols, W), N)
+    while tl.max((~done).to(tl.int32), axis=0) > 0:
+        mid = _midpoint(lo, hi)
+        c = _count_streamed(key_rows, rows_ok, own, mid, ncols, W)
+        lo, hi, c_hi, done = _search_step(c, mid, lo, hi, c_hi, done, N)
+    ties_before = tl.zeros_like(c_hi)
+    n_out = tl.zeros_like(c_hi)
+    for c0 in range(0, ncols, W):
+        j = c0 + tl.arange(0, W)
+        v = _ordered_keys(key_rows, rows_ok, own, j)
+        ties_before, n_out = _emit(v, j, lo, hi, N - c_hi, ties_before, n_out, out_rows, rows_ok)
+    return n_out
+
+
+@triton.jit
+def _topn_kernel(
+    keys_ptr,  # [B, HKV, TQ, NB] float32: keys of queries t_start .. t_start + TQ - 1
+    idx_ptr,  # [B, HKV, T, N] int32 (output)
+    T,
+    TQ,
+    HKV,
+    t_start,
+    stride_yb,
+    stride_yh,
+    stride_yt,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    SLC_BLOCK: tl.constexpr,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
+    W1: tl.constexpr,  # resident widths W1 <= W2 <= WIDTH (powers of two), the narrowest that holds the
+    W2: tl.constexpr,  # program's last own block; STREAM: column tiles of WIDTH
+    WIDTH: tl.constexpr,
+    STREAM: tl.constexpr,
+):
+    """Per row (b, g, t) the n best keys (ties to the lower block) as block indices, unordered, -1 unused."""
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = (pid_bg % HKV).to(tl.int64)
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS] rows of the keys buffer
+    t = t_start + r
+    rows_ok = (r < TQ) & (t < T)
+    own = tl.where(rows_ok, t // SLC_BLOCK, -1)  # [ROWS] last eligible block
+    ncols = tl.max(own, axis=0) + 1
+    key_rows = keys_ptr + b * stride_yb + g * stride_yh + r.to(tl.int64) * stride_yt
+    out_rows = idx_ptr + b * stride_ib + g * stride_ih + t.to(tl.int64) * stride_it
+    if STREAM:
+        n_out = _topn_rows_streamed(key_rows, out_rows, rows_ok, own, ncols, N, WIDTH)
+    elif ncols <= W1:
+        n_out = _topn_rows_resident(key_rows, out_rows, rows_ok, own, N, W1)
+    elif ncols <= W2:
+        n_out = _topn_rows_resident(key_rows, out_rows, rows_ok, own, N, W2)
+    else:
+        n_out = _topn_rows_resident(key_rows, out_rows, rows_ok, own, N, WIDTH)
+    slot = tl.arange(0, N_PAD)
+    unused = rows_ok[:, None] & (slot[None, :] >= n_out[:, None]) & (slot[None, :] < N)
+    tl.store(out_rows[:, None] + slot[None, :], tl.full((ROWS, N_PAD), -1, tl.int32), mask=unused)
 
 
 def _kernel_plan(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: int) -> dict:
@@ -462,12 +644,44 @@ def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block:
     )
 
 
+# split: the keys buffer of one query chunk, [B, HKV, TQ, NB] float32, is at most this large
+SPLIT_KEYS_BYTES = 256 << 20
+# split: rows of at most this many blocks stay in registers in the top-n kernel; longer rows are read
+# in column tiles of this width on every bisection pass (T > 131072 at l' = 64)
+TOPN_RESIDENT_BLOCKS = 2048
+
+
+def _split_chunk(B: int, HKV: int, T: int, NB: int, block_t: int) -> int:
+    """Queries per chunk of the split path: a multiple of ``block_t``, at least one tile, with the keys
+    buffer ``B * HKV * TQ * NB * 4`` bytes within :data:`SPLIT_KEYS_BYTES` (64k, paper shape: 16384)."""
+    fit = SPLIT_KEYS_BYTES // (B * HKV * max(NB, 1) * 4) // block_t * block_t
+    return max(block_t, min(fit, triton.cdiv(T, block_t) * block_t))
+
+
+def _topn_plan(NB: int, num_selected: int) -> dict:
+    """Launch plan of :func:`_topn_kernel` (``TUNING["select_topn"]`` overrides ROWS, num_warps)."""
+    tuning = tuned("select_topn")
+    stream = NB > TOPN_RESIDENT_BLOCKS
+    width = triton.next_power_of_2(TOPN_RESIDENT_BLOCKS) if stream else max(16, triton.next_power_of_2(NB))
+    return dict(
+        N=num_selected,
+        N_PAD=triton.next_power_of_2(num_selected),
+        ROWS=tuning.get("ROWS", max(2, min(64, 4096 // width))),  # 4096 keys per program: 32 per thread
+        W1=max(16, width // 4),
+        W2=max(16, width // 2),
+        WIDTH=width,
+        STREAM=stream,
+        num_warps=tuning.get("num_warps", 4),
+    )
+
+
 def select_impl() -> str:
-    """``"v2"`` (rank merge, the default) or ``"v1"`` (n argmax passes per merge), from
-    ``FLEXNSA_SELECT_IMPL``; read at every launch so a process can time both."""
+    """``"v2"`` (rank merge, the default), ``"v1"`` (n argmax passes per merge) or ``"split"`` (v2's
+    scores stored per query chunk, then a top-n kernel), from ``FLEXNSA_SELECT_IMPL``; read at every
+    launch so a process can time them all."""
     impl = os.environ.get("FLEXNSA_SELECT_IMPL", "v2").strip().lower() or "v2"
-    if impl not in ("v1", "v2"):
-        raise ValueError(f"FLEXNSA_SELECT_IMPL must be 'v1' or 'v2', got {impl!r}")
+    if impl not in ("v1", "v2", "split"):
+        raise ValueError(f"FLEXNSA_SELECT_IMPL must be 'v1', 'v2' or 'split', got {impl!r}")
     return impl
 
 
@@ -488,41 +702,25 @@ def select_topn_launch(
 
     ``q [B, HQ, T, Dk]``, ``k_cmp [B, HKV, Tc, Dk]`` contiguous, ``lse [B, HQ, T]`` float32
     contiguous. Returns ``int32 [B, HKV, T, n]``, unused slots ``-1``; slot order: v1 by descending
-    key (``-1`` last), v2 unordered (``-1`` in any slot).
+    key (``-1`` last), v2 and split unordered (``-1`` in any slot).
     """
     B, HQ, T, Dk = q.shape
     HKV, Tc = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // HKV
-    if select_impl() == "v2":
-        kernel, plan = _select_topn_kernel_v2, _kernel_plan_v2(G, Dk, cmp_block, cmp_stride, slc_block)
-        scale_arg = scale * LOG2E
-    else:
+    impl = select_impl()
+    if impl == "v1":
         kernel, plan = _select_topn_kernel, _kernel_plan(G, Dk, cmp_block, cmp_stride, slc_block)
         scale_arg = scale
+    else:
+        kernel, plan = _select_topn_kernel_v2, _kernel_plan_v2(G, Dk, cmp_block, cmp_stride, slc_block)
+        scale_arg = scale * LOG2E
     if Tc == 0:  # no compressed token yet (T < l): a 1-token stand-in keeps the pointer valid, all masked
         k_cmp = k_cmp.new_zeros(B, HKV, 1, Dk)
     indices = torch.empty(B, HKV, T, num_selected, dtype=torch.int32, device=q.device)  # [B, HKV, T, n]
-    grid = (triton.cdiv(T, plan["BLOCK_T"]), B * HKV)
-    launch(kernel)[grid](
-        q,
-        k_cmp,
-        lse,
-        indices,
-        T,
-        Tc,
-        HKV,
-        scale_arg,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k_cmp.stride(0),
-        k_cmp.stride(1),
-        k_cmp.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        indices.stride(0),
-        indices.stride(1),
-        indices.stride(2),
+    args = [q, k_cmp, lse, indices, T, Tc, HKV, scale_arg]
+    args += [q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2)]
+    args += [lse.stride(0), lse.stride(1), indices.stride(0), indices.stride(1), indices.stride(2)]
+    meta = dict(
         G=G,
         DK=Dk,
         CMP_BLOCK=cmp_block,
@@ -536,4 +734,53 @@ def select_topn_launch(
         UPCAST=upcast_dots(q),
         **plan,
     )
+    if impl == "split":
+        _split_launch(launch, args, meta, indices, slc_block)
+        return indices
+    if impl == "v2":
+        meta.update(keys_ptr=None, t_start=0, stride_yb=0, stride_yh=0, stride_yt=0, STORE_KEYS=False)
+    grid = (triton.cdiv(T, plan["BLOCK_T"]), B * HKV)
+    launch(kernel)[grid](*args, **meta)
     return indices
+
+
+def _split_launch(launch, args: list, meta: dict, indices: torch.Tensor, slc_block: int) -> None:
+    """The split path: per chunk of ``TQ`` queries, v2's scores kernel stores the keys ``[B, HKV, TQ,
+    NB]`` (``STORE_KEYS``), then :func:`_topn_kernel` selects from them into ``indices``."""
+    B, HKV, T = indices.shape[:3]
+    NB = triton.cdiv(T, slc_block)
+    block_t = meta["BLOCK_T"]
+    tq = _split_chunk(B, HKV, T, NB, block_t)
+    keys = torch.empty(B, HKV, tq, NB, dtype=torch.float32, device=indices.device)
+    args = list(args)
+    args[3] = None  # the scores kernel writes no indices
+    meta = dict(meta, SKIP_MERGE=False, STORE_KEYS=True)
+    key_strides = dict(stride_yb=keys.stride(0), stride_yh=keys.stride(1), stride_yt=keys.stride(2))
+    for t_start in range(0, T, tq):
+        grid = (triton.cdiv(min(tq, T - t_start), block_t), B * HKV)
+        launch(_select_topn_kernel_v2)[grid](*args, keys_ptr=keys, t_start=t_start, **key_strides, **meta)
+        topn_launch(launch, keys, indices, t_start, slc_block)
+
+
+def topn_launch(launch, keys: torch.Tensor, indices: torch.Tensor, t_start: int, slc_block: int) -> None:
+    """:func:`_topn_kernel` on the keys ``[B, HKV, TQ, NB]`` float32 of queries ``t_start ..
+    t_start + TQ - 1`` (row ``t`` reads blocks ``j <= t // slc_block``), into their rows of ``indices``."""
+    B, HKV, tq, NB = keys.shape
+    T, n = indices.shape[2], indices.shape[3]
+    plan = _topn_plan(NB, n)
+    launch(_topn_kernel)[(triton.cdiv(min(tq, T - t_start), plan["ROWS"]), B * HKV)](
+        keys,
+        indices,
+        T,
+        tq,
+        HKV,
+        t_start,
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        indices.stride(0),
+        indices.stride(1),
+        indices.stride(2),
+        SLC_BLOCK=slc_block,
+        **plan,
+    )

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_utils import dims_pad, head_tile, mma, tuned, upcast_dots
-from .query_tiles import union_block, union_of_selections
+from .kernel_utils import dims_pad, head_tile, mma, selection_strides, tuned, upcast_dots
+from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_threshold
 
 __all__ = ["selected_bwd_launch", "build_reverse_index", "DKV_CHUNK"]
 
@@ -52,6 +52,7 @@ def _dq_kernel(
     lse_ptr,  # [B, HQ, T] float32, natural log
     dq_ptr,  # [B, HQ, T, DK] (output)
     delta_ptr,  # [B, HQ, T] float32 (output)
+    done_ptr,  # TILE > 0: int8 [B * HKV, cdiv(T, TILE)], tiles the union kernel already did
     T,
     HKV,
     scale: tl.constexpr,  # constexpr: inductor would pass a python float as an fp64 scalar
@@ -83,10 +84,14 @@ def _dq_kernel(
     N: tl.constexpr,
     IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
     UPCAST: tl.constexpr,
+    TILE: tl.constexpr,  # 0, or the union kernel's queries per tile (skip the tiles it did)
 ):
     """q/dq share strides; o/do share strides; lse/delta share strides."""
     t = tl.program_id(0).to(tl.int64)
     pid_bg = tl.program_id(1)
+    if TILE > 0:
+        if tl.load(done_ptr + pid_bg * tl.cdiv(T, TILE) + t // TILE) != 0:
+            return
     b = (pid_bg // HKV).to(tl.int64)
     g = (pid_bg % HKV).to(tl.int64)
 
@@ -143,6 +148,7 @@ def _dq_union_kernel(
     lse_ptr,  # [B, HQ, T] float32, natural log
     dq_ptr,  # [B, HQ, T, DK] (output)
     delta_ptr,  # [B, HQ, T] float32 (output)
+    done_ptr,  # int8 [B * HKV, cdiv(T, QT)] (output): 1 where this kernel did the tile
     T,
     HKV,
     scale: tl.constexpr,
@@ -174,15 +180,24 @@ def _dq_union_kernel(
     N: tl.constexpr,
     N_PAD: tl.constexpr,
     QT: tl.constexpr,  # queries per program (power of two)
+    MAX_UNION: tl.constexpr,  # tiles with more distinct blocks are left to _dq_kernel
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """:func:`_dq_kernel` over tiles of QT consecutive queries: the ``QT * G_PAD`` rows go over the
-    union of the tile's selected blocks, each loaded once (custom_ops/query_tiles.py)."""
+    union of the tile's selected blocks, each loaded once (custom_ops/query_tiles.py). Tiles whose
+    union exceeds MAX_UNION blocks are only flagged; ``_dq_kernel``, launched next, does them."""
     t0 = tl.program_id(0) * QT
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     g = (pid_bg % HKV).to(tl.int64)
+
+    take, idx_tile, flat, rank, num_blocks = claim_tile(
+        idx_ptr, done_ptr, b, g, pid_bg, t0, T, stride_ib, stride_ih, stride_it, QT, N, N_PAD, MAX_UNION
+    )
+
+    if not take:
+        return
 
     rows = tl.arange(0, QT * G_PAD)
     row_q = rows // G_PAD  # [ROWS] query of the row within the tile
@@ -204,15 +219,6 @@ def _dq_union_kernel(
     tl.store(delta_ptr + lse_off, delta, mask=row_ok)
     lse = tl.load(lse_ptr + lse_off, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # such rows have no key
-
-    tq = (t0 + tl.arange(0, QT)).to(tl.int64)  # [QT]
-    slots = tl.arange(0, N_PAD)
-    idx_tile = tl.load(
-        idx_ptr + b * stride_ib + g * stride_ih + tq[:, None] * stride_it + slots[None, :],
-        mask=(tq < T)[:, None] & (slots < N)[None, :],
-        other=-1,
-    ).to(tl.int64)  # [QT, N_PAD]
-    flat, rank, num_blocks = union_of_selections(idx_tile, QT, N_PAD)
 
     scale_log2 = scale * 1.4426950408889634
     dq = tl.zeros((QT * G_PAD, DK_PAD), tl.float32)
@@ -465,27 +471,24 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
                   UPCAST=upcast_dots(q))
 
     dq_opts = tuned("selected_dq", num_warps=4 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8, num_stages=2)
-    qt = dq_opts.pop("QT", 1)  # queries per program: > 1 runs the union kernel (custom_ops/query_tiles.py)
-    if qt < 1 or qt & (qt - 1):
+    qt = dq_opts.pop("QT", DEFAULT_QT)  # queries per tile: > 1 runs the union kernel first (query_tiles.py)
+    if not isinstance(qt, int) or qt < 1 or qt & (qt - 1):
         raise ValueError(f"TUNING['selected_dq']['QT'] must be a power of two, got {qt!r}")
-    if qt > 1:
-        dq_kernel, dq_grid = _dq_union_kernel, (triton.cdiv(T, qt), B * HKV)
-        dq_opts.update(N_PAD=triton.next_power_of_2(n), QT=qt)
-        if "num_warps" not in tuned("selected_dq"):
-            dq_opts["num_warps"] = 4 if qt * g_pad * max(dk_pad, dv_pad) <= 64 * 128 else 8
-    else:
-        dq_kernel, dq_grid = _dq_kernel, (T, B * HKV)
-    delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T], written by _dq_kernel
+    delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T], written by the dq kernels
     dq = torch.empty_like(q)  # [B, HQ, T, Dk]
-    launch(dq_kernel)[dq_grid](
-        q, k, v, indices, out, grad_out, lse, dq, delta, T, HKV, scale,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        indices.stride(0), indices.stride(1), indices.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        G_PAD=g_pad, N=n, **dq_opts, **shared,
+    args = (q, k, v, indices, out, grad_out, lse, dq, delta)
+    strides = selection_strides(q, k, v, indices, out, lse)
+    done = delta  # a placeholder pointer when TILE = 0
+    if qt > 1:
+        done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=q.device)  # [B*HKV, tiles]
+        union_warps = dq_opts.pop("union_warps", 4 if qt * g_pad * max(dk_pad, dv_pad) <= 64 * 128 else 8)
+        launch(_dq_union_kernel)[(triton.cdiv(T, qt), B * HKV)](
+            *args, done, T, HKV, scale, *strides,
+            G_PAD=g_pad, N=n, N_PAD=triton.next_power_of_2(n), QT=qt,
+            MAX_UNION=dq_opts.pop("MAX_UNION", union_threshold(qt, n)), num_warps=union_warps, num_stages=2, **shared,
+        )  # fmt: skip
+    launch(_dq_kernel)[(T, B * HKV)](
+        *args, done, T, HKV, scale, *strides, G_PAD=g_pad, N=n, TILE=qt if qt > 1 else 0, **dq_opts, **shared,
     )  # fmt: skip
 
     # 4 warps: 8 warps needed 207 registers (one CTA per SM, latency-bound); 4 warps ran the whole

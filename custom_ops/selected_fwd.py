@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_utils import LOG2E, TUNING, dims_pad, head_tile, mma, upcast_dots
-from .query_tiles import union_block, union_of_selections
+from .kernel_utils import LOG2E, TUNING, dims_pad, head_tile, mma, selection_strides, upcast_dots
+from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_threshold
 
 __all__ = ["selected_fwd_launch"]
 
@@ -35,6 +35,7 @@ def _selected_fwd_kernel(
     idx_ptr,  # [B, HKV, T, N] int32/int64
     o_ptr,  # [B, HQ, T, DV] (output)
     lse_ptr,  # [B, HQ, T] float32 (output)
+    done_ptr,  # TILE > 0: int8 [B * HKV, cdiv(T, TILE)], tiles the union kernel already did
     T,
     HKV,
     # scale * log2(e); constexpr because inductor passes python floats as fp64 scalars (seen on the
@@ -68,9 +69,13 @@ def _selected_fwd_kernel(
     N: tl.constexpr,
     IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
     UPCAST: tl.constexpr,
+    TILE: tl.constexpr,  # 0, or the union kernel's queries per tile (skip the tiles it did)
 ):
     t = tl.program_id(0).to(tl.int64)
     pid_bg = tl.program_id(1)
+    if TILE > 0:
+        if tl.load(done_ptr + pid_bg * tl.cdiv(T, TILE) + t // TILE) != 0:
+            return
     b = (pid_bg // HKV).to(tl.int64)
     g = (pid_bg % HKV).to(tl.int64)
 
@@ -131,6 +136,7 @@ def _selected_fwd_union_kernel(
     idx_ptr,  # [B, HKV, T, N] int32/int64
     o_ptr,  # [B, HQ, T, DV] (output)
     lse_ptr,  # [B, HQ, T] float32 (output)
+    done_ptr,  # int8 [B * HKV, cdiv(T, QT)] (output): 1 where this kernel did the tile
     T,
     HKV,
     scale_log2: tl.constexpr,  # constexpr: see _selected_fwd_kernel
@@ -162,16 +168,25 @@ def _selected_fwd_union_kernel(
     N: tl.constexpr,
     N_PAD: tl.constexpr,
     QT: tl.constexpr,  # queries per program (power of two)
+    MAX_UNION: tl.constexpr,  # tiles with more distinct blocks are left to the one-query kernel
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Same results as :func:`_selected_fwd_kernel`, one program per tile of QT consecutive queries:
     the ``QT * G_PAD`` rows (query-major) attend the union of the tile's selected blocks, each block
-    loaded once; a row ignores the blocks its query did not select (see custom_ops/query_tiles.py)."""
+    loaded once; a row ignores the blocks its query did not select (see custom_ops/query_tiles.py).
+    A tile whose union has more than MAX_UNION blocks (little sharing: the masked rows would cost
+    more than the saved loads) is only flagged, and the one-query kernel launched next does it."""
     t0 = tl.program_id(0) * QT
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     g = (pid_bg % HKV).to(tl.int64)
+
+    take, idx_tile, flat, rank, num_blocks = claim_tile(
+        idx_ptr, done_ptr, b, g, pid_bg, t0, T, stride_ib, stride_ih, stride_it, QT, N, N_PAD, MAX_UNION
+    )
+    if not take:
+        return
 
     rows = tl.arange(0, QT * G_PAD)
     row_q = rows // G_PAD  # [ROWS] query of the row within the tile
@@ -186,14 +201,6 @@ def _selected_fwd_union_kernel(
         mask=row_ok[:, None] & (dk[None, :] < DK),
         other=0.0,
     )  # [ROWS, DK_PAD]
-    tq = (t0 + tl.arange(0, QT)).to(tl.int64)  # [QT]
-    slots = tl.arange(0, N_PAD)
-    idx_tile = tl.load(
-        idx_ptr + b * stride_ib + g * stride_ih + tq[:, None] * stride_it + slots[None, :],
-        mask=(tq < T)[:, None] & (slots < N)[None, :],
-        other=-1,
-    ).to(tl.int64)  # [QT, N_PAD]
-    flat, rank, num_blocks = union_of_selections(idx_tile, QT, N_PAD)
 
     m_i = tl.full((QT * G_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((QT * G_PAD,), tl.float32)
@@ -234,15 +241,17 @@ def _selected_fwd_union_kernel(
 
 
 def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
-    """Runs the forward kernel on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``.
+    """Runs the forward kernels on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``.
 
-    ``TUNING["selected_fwd"]``: ``QT`` (queries per program, a power of two; 1, the default, runs
-    :func:`_selected_fwd_kernel`, more :func:`_selected_fwd_union_kernel`), ``num_warps``,
-    ``num_stages``.
+    ``TUNING["selected_fwd"]``: ``QT`` (queries per tile, a power of two; > 1 first runs
+    :func:`_selected_fwd_union_kernel` on the tiles whose selections share enough blocks, then
+    :func:`_selected_fwd_kernel` on the rest), ``MAX_UNION`` (its threshold, default
+    ``union_threshold``), ``num_warps`` / ``num_stages`` (of the one-query kernel; ``union_warps`` of
+    the other).
     """
     options = dict(TUNING.get("selected_fwd", {}))
-    qt = options.pop("QT", 1)
-    if qt < 1 or qt & (qt - 1):
+    qt = options.pop("QT", DEFAULT_QT)
+    if not isinstance(qt, int) or qt < 1 or qt & (qt - 1):
         raise ValueError(f"TUNING['selected_fwd']['QT'] must be a power of two, got {qt!r}")
     B, HQ, T, Dk = q.shape
     HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
@@ -251,53 +260,23 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
     g_pad = head_tile(G)
     dk_pad, dv_pad = dims_pad(Dk), dims_pad(Dv)
+    args = (q, k, v, indices, out, lse)
+    strides = selection_strides(q, k, v, indices, out, lse)
+    shared = dict(G=G, G_PAD=g_pad, DK=Dk, DK_PAD=dk_pad, DV=Dv, DV_PAD=dv_pad, BS=slc_block,
+                  BS_PAD=dims_pad(slc_block), N=n, IEEE=q.dtype == torch.float32, UPCAST=upcast_dots(q))  # fmt: skip
+    done = lse  # a placeholder pointer when TILE = 0
     if qt > 1:
-        kernel, grid = _selected_fwd_union_kernel, (triton.cdiv(T, qt), B * HKV)
-        extra = dict(N_PAD=triton.next_power_of_2(n), QT=qt)
-        warps = 4 if qt * g_pad * max(dk_pad, dv_pad) <= 64 * 128 else 8
-    else:
-        kernel, grid, extra = _selected_fwd_kernel, (T, B * HKV), {}
-        # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
-        warps = 2 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8
-    launch(kernel)[grid](
-        q,
-        k,
-        v,
-        indices,
-        out,
-        lse,
-        T,
-        HKV,
-        scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        indices.stride(0),
-        indices.stride(1),
-        indices.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        G=G,
-        G_PAD=g_pad,
-        DK=Dk,
-        DK_PAD=dk_pad,
-        DV=Dv,
-        DV_PAD=dv_pad,
-        BS=slc_block,
-        BS_PAD=dims_pad(slc_block),
-        N=n,
-        IEEE=q.dtype == torch.float32,
-        UPCAST=upcast_dots(q),
-        **extra,
-        **{"num_warps": warps, "num_stages": 2, **options},
-    )
+        done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=q.device)  # [B*HKV, tiles]
+        union_warps = options.pop("union_warps", 4 if qt * g_pad * max(dk_pad, dv_pad) <= 64 * 128 else 8)
+        launch(_selected_fwd_union_kernel)[(triton.cdiv(T, qt), B * HKV)](
+            *args, done, T, HKV, scale * LOG2E, *strides,
+            N_PAD=triton.next_power_of_2(n), QT=qt, MAX_UNION=options.pop("MAX_UNION", union_threshold(qt, n)),
+            num_warps=union_warps, num_stages=2, **shared,
+        )  # fmt: skip
+    # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
+    warps = 2 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8
+    launch(_selected_fwd_kernel)[(T, B * HKV)](
+        *args, done, T, HKV, scale * LOG2E, *strides,
+        TILE=qt if qt > 1 else 0, **shared, **{"num_warps": warps, "num_stages": 2, **options},
+    )  # fmt: skip
     return out, lse

@@ -27,12 +27,16 @@ from flexnsa.custom_ops import kernel_utils
 VARIANTS = {
     # SKIP_MERGE: timing diagnostic (no top-n merge, wrong indices): splits the time between scores and merge
     "select_v2": [{}, {"SKIP_MERGE": True}, {"maxnreg": 128}, {"BLOCK_C": 128, "num_warps": 8}, {"TRANS": True}],
-    "selected_fwd": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}, {"QT": 4, "num_warps": 8}],
-    "selected_dq": [{}, {"QT": 2}, {"QT": 4}, {"QT": 4, "num_warps": 8}],
+    # FLEXNSA_SELECT_IMPL=split: scores stored per query chunk, then a bisection top-n kernel
+    "select_split": [{}, {"ROWS": 8}, {"ROWS": 2}],
+    # QT: tiles of QT queries whose union of selected blocks has <= MAX_UNION blocks (default 2/3 of
+    # QT * n) run the union kernel, the others the one-query kernel
+    "selected_fwd": [{}, {"QT": 4}, {"QT": 4, "MAX_UNION": 64}, {"QT": 2}],
+    "selected_dq": [{}, {"QT": 4}, {"QT": 4, "MAX_UNION": 64}, {"QT": 2}],
     # the same kernels on the selections of correlated queries (each query the mean of 64 random ones,
     # rescaled): neighbours then share most blocks, as in trained models
-    "selected_fwd_corr": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}],
-    "selected_dq_corr": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}],
+    "selected_fwd_corr": [{}, {"QT": 4}, {"QT": 4, "MAX_UNION": 64}, {"QT": 8}],
+    "selected_dq_corr": [{}, {"QT": 4}, {"QT": 4, "MAX_UNION": 64}, {"QT": 8}],
     "flex_cmp_fwd": [{}, {"USE_TMA": True}, {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}],
     "flex_win_fwd": [{}, {"USE_TMA": True}, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
@@ -45,6 +49,15 @@ VARIANTS = {
                      {"num_warps": 8}, {"ROWS": 128}, {"ROWS": 128, "num_warps": 8},
                      {"num_stages": 1}, {"CHUNK": 256}],
 }  # fmt: skip
+TUNING_KEY = {"select_split": "select_topn"}
+
+
+def union_sizes(idx: torch.Tensor, qt: int = 4) -> float:
+    """Mean number of distinct blocks per tile of ``qt`` consecutive queries (a [B, HKV, T, n] selection)."""
+    B, HKV, T, n = idx.shape
+    tiles = idx[:, :, : T // qt * qt].reshape(B, HKV, T // qt, qt * n).long().sort(-1).values  # [B, HKV, tiles, qt*n]
+    distinct = (tiles[..., 1:] != tiles[..., :-1]) & (tiles[..., 1:] >= 0)
+    return float((distinct.sum(-1) + (tiles[..., 0] >= 0)).float().mean())
 
 
 def main() -> int:
@@ -80,6 +93,10 @@ def main() -> int:
         _, lse_c = flexnsa.compressed_attention(q_corr, kc, vc, cfg, scale=scale, return_lse=True)
         idx_corr = custom_ops.select_blocks(q_corr, kc, lse_c.float().contiguous(), cfg, scale)
         o_corr, lse_corr = custom_ops.selected_attention(q_corr, k, v, idx_corr, cfg, scale)
+        union = {"T": T, "kernel": "union_sizes", "variant": "mean distinct blocks per 4 queries (of 64)",
+                 "random": union_sizes(idx_ref), "correlated": union_sizes(idx_corr)}  # fmt: skip
+        rows.append(union)
+        print(union, flush=True)
         qg = q.detach().requires_grad_(True)
         kcg, vcg = kc.detach().requires_grad_(True), vc.detach().requires_grad_(True)
         do_c = randn(B, HQ, T, D)
@@ -96,6 +113,7 @@ def main() -> int:
             "selected_fwd": lambda: custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale),
             "selected_dq": lambda: torch.ops.flexnsa.selected_attention_backward(
                 do, q, k, v, o, lse_s, idx_ref, cfg.slc_block, scale, True),
+            "select_split": lambda: custom_ops.select_blocks(q, kc, lse, cfg, scale),
             "selected_fwd_corr": lambda: custom_ops.selected_attention(q_corr, k, v, idx_corr, cfg, scale),
             "selected_dq_corr": lambda: torch.ops.flexnsa.selected_attention_backward(
                 do, q_corr, k, v, o_corr, lse_corr, idx_corr, cfg.slc_block, scale, True),
@@ -123,11 +141,12 @@ def main() -> int:
                 if name.startswith("flex_"):
                     flex_runtime.KERNEL_OPTIONS_OVERRIDE = dict(variant) if variant else None
                 else:
-                    kernel_utils.TUNING[name.removesuffix("_corr")] = dict(variant)
+                    kernel_utils.TUNING[TUNING_KEY.get(name, name.removesuffix("_corr"))] = dict(variant)
+                os.environ["FLEXNSA_SELECT_IMPL"] = "split" if name == "select_split" else "v2"
                 try:
                     with torch.no_grad():
                         out = calls[name]()
-                        if name == "select_v2":
+                        if name.startswith("select_"):
                             row["rows_differing"] = int((out.sort(-1).values != ref_sorted).any(-1).sum())
                         if name.startswith("selected_fwd"):  # against the default kernel's output
                             want = o_corr if name.endswith("_corr") else o
@@ -137,14 +156,16 @@ def main() -> int:
                     row["error"] = repr(err)[:160]
                 kernel_utils.TUNING.clear()
                 flex_runtime.KERNEL_OPTIONS_OVERRIDE = None
+                os.environ.pop("FLEXNSA_SELECT_IMPL", None)
                 rows.append(row)
                 print(row, flush=True)
         del q, k, v, kc, vc, lse, o, do, qg, kcg, vcg, do_c, q_corr, idx_corr, o_corr, lse_corr
         torch.cuda.empty_cache()
     md = ["# Launch-parameter sweep (bf16, B=1, HQ=64, HKV=4, D=128, paper config)", "",
           "| T | kernel | variant | ms | select rows differing from default / fwd max abs diff of o | error |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['T']} | {r['kernel']} | `{r['variant']}` | {r.get('ms', float('nan')):.3f} | {r.get('rows_differing', r.get('max_abs_diff_o', ''))} | "
-           f"{r.get('error', '')} |" for r in rows]  # fmt: skip
+    md += [f"| {r['T']} | {r['kernel']} | `{r['variant']}` | {r.get('ms', float('nan')):.3f} | "
+           f"{r.get('rows_differing', r.get('max_abs_diff_o', ''))} | {r.get('error', '')} |" for r in rows if "ms" in r or "error" in r]
+    md += [f"\n{r['T']}: {r['variant']}: random {r['random']:.1f}, correlated {r['correlated']:.1f}" for r in rows if r["kernel"] == "union_sizes"]  # fmt: skip
     with open(os.path.join(out_dir, "sweep.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:

@@ -513,12 +513,21 @@ TILE_CASES = [  # G, T, (Dk, Dv), l', n, dtype, QT, indices ("select": the kerne
 ]
 
 
+def tile_union_sizes(idx, qt):
+    """Distinct valid blocks per tile of ``qt`` consecutive queries: ``[B, HKV, cdiv(T, qt)]``."""
+    B, HKV, T, n = idx.shape
+    pad = -T % qt
+    tiles = torch.nn.functional.pad(idx.long(), (0, 0, 0, pad), value=-1).reshape(B, HKV, -1, qt * n)
+    return torch.tensor([[[len(set(row.tolist()) - {-1}) for row in g] for g in b] for b in tiles])
+
+
 @interp_only
 @pytest.mark.parametrize("G, T, dims, block, n, dtype, qt, kind", TILE_CASES)
 def test_interp_query_tile_kernels(G, T, dims, block, n, dtype, qt, kind, monkeypatch):
     """Forward and dq over tiles of QT queries (``TUNING[...]["QT"]``: each distinct block of the
-    tile's selections loaded once): against the reference, forward and backward; float32 equal to the
-    one-query kernels up to rounding; keyless rows exactly zero."""
+    tile's selections loaded once; tiles with more than ``MAX_UNION`` distinct blocks left to the
+    one-query kernels): against the reference, forward and backward; float32 equal to the one-query
+    kernels up to rounding; keyless rows exactly zero."""
     from flexnsa.custom_ops import kernel_utils
 
     Dk, Dv = dims
@@ -530,16 +539,23 @@ def test_interp_query_tile_kernels(G, T, dims, block, n, dtype, qt, kind, monkey
         idx = random_indices(1, 2, T, n, cfg.num_blocks(T), seed=G)
     else:
         idx = indices_with_keyless_rows(1, 2, T, n, cfg.num_blocks(T), seed=G, dtype=torch.int64)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": 1})
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": 1})
     o_one, lse_one, grads_one = check_attention(q, k, v, idx, cfg, seed=G)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt})
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": qt})
-    o, lse_t, grads = check_attention(q, k, v, idx, cfg, seed=G)
-    torch.testing.assert_close(lse_t, lse_one, rtol=1e-5, atol=1e-5)
-    if dtype == torch.float32:
-        torch.testing.assert_close(o, o_one, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grads[0], grads_one[0], rtol=1e-5, atol=1e-5)
-    if kind == "keyless":
-        assert_keyless_rows_zero(o, lse_t, grads[0], idx, block)
+    # MAX_UNION: every tile by the union kernels, none (all by the one-query kernels), or a mix
+    sizes = tile_union_sizes(idx, qt)
+    mixed = int(sizes.min())  # the smallest tiles by the union kernels, the others not
+    assert cfg.num_blocks(T) == 1 or (sizes > mixed).any(), sizes  # several blocks: a mix of both kinds
+    for max_union in (qt * n, 0, mixed):
+        monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt, "MAX_UNION": max_union})
+        monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": qt, "MAX_UNION": max_union})
+        o, lse_t, grads = check_attention(q, k, v, idx, cfg, seed=G)
+        torch.testing.assert_close(lse_t, lse_one, rtol=1e-5, atol=1e-5)
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, o_one, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(grads[0], grads_one[0], rtol=1e-5, atol=1e-5)
+        if kind == "keyless":
+            assert_keyless_rows_zero(o, lse_t, grads[0], idx, block)
 
 
 def test_query_tile_must_be_a_power_of_two(monkeypatch):
@@ -611,9 +627,9 @@ def test_gpu_kernels_match_reference(G, dims, dtype, atomic, monkeypatch):
     check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=1, device="cuda"), cfg)
     from flexnsa.custom_ops import kernel_utils
 
-    for qt in (2, 4, 8):  # forward and dq over query tiles (union of the tile's blocks)
-        monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt})
-        monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": qt})
+    for qt, max_union in ((2, 12), (4, 64), (8, 20)):  # query tiles: all by the union kernels, or mixed
+        monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt, "MAX_UNION": max_union})
+        monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": qt, "MAX_UNION": max_union})
         check_attention(q, k, v, idx, cfg)
         check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=2, device="cuda"), cfg)
 
