@@ -12,15 +12,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-DEFAULT_QT = 1  # queries per tile by default (1: the one-query kernels only)
+# Queries per tile by default. H200, paper shape (perf/results/h200/sweep-3.md), QT=4 against the
+# one-query kernels alone: random selections 15.80 vs 15.62 ms forward at 64k, 1.77 vs 1.90 at 8k;
+# selections of correlated queries (neighbours share blocks, as in trained models) 9.92 vs 15.50 ms
+# forward at 64k, 1.07 vs 1.91 at 8k; the selected backward (dq + dK/dV) 24.7 vs 31.1 ms at 64k.
+DEFAULT_QT = 4
 
 
 def union_threshold(qt: int, n: int) -> int:
     """Largest union (distinct blocks of a tile of ``qt`` queries with ``n`` slots each) for which the
-    tile kernels run: measured on the H200 (paper shape, QT=4, random selections), a union block
-    costs ~1.47x one query's block in the one-query kernels (64k: 19.87 ms for ~55 blocks per tile
-    against 15.57 ms for 64; 8k: 1.795 ms for ~41 against 1.91 ms), so they break even near 2/3 of
-    ``qt * n``."""
+    union kernels run. On the H200 (paper shape, QT=4, every tile on the union kernel) a union block
+    cost ~1.5x one query's block in the one-query kernel: 64k random selections 20.54 ms for 49.9
+    blocks per tile on average against 15.62 ms for 64 (1.69x), 8k 1.867 ms for 34.8 against
+    1.898 ms (1.81x), so break-even near 36-38 of 64. The threshold 2/3 of ``qt * n`` (42 of 64) is
+    the one measured in the mixed runs quoted at ``DEFAULT_QT``; a lower one was not timed."""
     return (2 * qt * n) // 3
 
 

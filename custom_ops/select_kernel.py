@@ -21,8 +21,8 @@ tokens starting at ``j0*R - (M-1)``, so neighbouring chunks recompute ``M-1`` to
 of a chunk, ``[BLOCK_T, BLOCK_J]``, are merged into the running top-n ``[BLOCK_T, N_PAD]`` by ``n``
 passes of argmax; a chunk whose best key beats no row's current n-th key is skipped.
 
-Three paths, chosen by ``FLEXNSA_SELECT_IMPL`` at every launch: ``v2`` (the default), ``v1`` (the
-description above) and ``split``. v2 keeps the n best blocks unordered and, while a row's best new block
+Three paths, chosen by ``FLEXNSA_SELECT_IMPL`` at every launch: ``split`` (the default), ``v2`` and
+``v1`` (the description above). v2 keeps the n best blocks unordered and, while a row's best new block
 beats its worst kept one (a strictly higher key), swaps them (rounds = entries, not n); skips the
 visibility mask on steps fully visible to the tile; uses ``exp2``; splits the head dim into two
 powers of two (192 = 128 + 64) instead of padding; prefetches the next step's ``k_cmp`` by hand.
@@ -666,7 +666,10 @@ def _topn_plan(NB: int, num_selected: int) -> dict:
     return dict(
         N=num_selected,
         N_PAD=triton.next_power_of_2(num_selected),
-        ROWS=tuning.get("ROWS", max(2, min(64, 4096 // width))),  # 4096 keys per program: 32 per thread
+        # ~2048 keys per program, 2 to 8 rows: the best of the ROWS tried on the H200 (paper shape,
+        # perf/results/h200/sweep-3.md): 8 at 8k (width 128: 0.234 ms against 0.440 with 32 rows), 2 at
+        # 64k (width 1024: 11.21 ms against 11.40 with 4, whole select)
+        ROWS=tuning.get("ROWS", max(2, min(8, 2048 // width))),
         W1=max(16, width // 4),
         W2=max(16, width // 2),
         WIDTH=width,
@@ -676,10 +679,11 @@ def _topn_plan(NB: int, num_selected: int) -> dict:
 
 
 def select_impl() -> str:
-    """``"v2"`` (rank merge, the default), ``"v1"`` (n argmax passes per merge) or ``"split"`` (v2's
-    scores stored per query chunk, then a top-n kernel), from ``FLEXNSA_SELECT_IMPL``; read at every
-    launch so a process can time them all."""
-    impl = os.environ.get("FLEXNSA_SELECT_IMPL", "v2").strip().lower() or "v2"
+    """``"split"`` (v2's scores stored per query chunk, then a top-n kernel; the default: 11.2 against
+    12.8 ms for v2 at 64k, 0.234 against 0.325 ms at 8k, H200, paper shape), ``"v2"`` (rank merge in
+    the score loop) or ``"v1"`` (n argmax passes per merge), from ``FLEXNSA_SELECT_IMPL``; read at
+    every launch so a process can time them all."""
+    impl = os.environ.get("FLEXNSA_SELECT_IMPL", "split").strip().lower() or "split"
     if impl not in ("v1", "v2", "split"):
         raise ValueError(f"FLEXNSA_SELECT_IMPL must be 'v1', 'v2' or 'split', got {impl!r}")
     return impl

@@ -335,7 +335,7 @@ def test_select_impl_from_environment(monkeypatch):
     from flexnsa.custom_ops.select_kernel import _head_dim_split, select_impl
 
     monkeypatch.delenv("FLEXNSA_SELECT_IMPL", raising=False)
-    assert select_impl() == "v2"
+    assert select_impl() == "split"
     monkeypatch.setenv("FLEXNSA_SELECT_IMPL", "V1")
     assert select_impl() == "v1"
     monkeypatch.setenv("FLEXNSA_SELECT_IMPL", "v3")
@@ -598,14 +598,21 @@ def test_tuning_options_reach_the_kernels(monkeypatch):
     monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"num_warps": 8, "num_stages": 3})
     selected_fwd_launch(RecordingLaunch, q, k, v, idx, 8, 0.25)
     fwd = launches.pop("_selected_fwd_kernel")
-    assert (fwd["num_warps"], fwd["num_stages"]) == (8, 3)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"num_warps": 2})
+    assert (fwd["num_warps"], fwd["num_stages"], fwd["TILE"], fwd["grid"]) == (8, 3, 4, (T, B * HKV))
+    union = launches.pop("_selected_fwd_union_kernel")  # default QT = 4: the union kernel runs first
+    assert (union["QT"], union["MAX_UNION"], union["grid"]) == (4, 8, (T // 4, B * HKV))
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"num_warps": 2, "QT": 2, "MAX_UNION": 5})
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"ROWS": 32, "CHUNK": 4, "num_warps": 8})
     selected_bwd_launch(RecordingLaunch, o, q, k, v, o, lse, idx, 8, 0.25, atomic=False)
     dkv = launches["_dkv_kernel"]
     assert (dkv["QB"], dkv["num_warps"], dkv["grid"]) == (2, 8, (B * HKV * 3 + B * HKV * T * n // 4,))
-    assert launches["_dq_kernel"]["num_warps"] == 2
-    assert set(launches) == {"_dq_kernel", "_dkv_kernel", "_dkv_reduce_kernel"}
+    assert (launches["_dq_kernel"]["num_warps"], launches["_dq_kernel"]["TILE"]) == (2, 2)
+    assert (launches["_dq_union_kernel"]["QT"], launches["_dq_union_kernel"]["MAX_UNION"]) == (2, 5)
+    assert set(launches) == {"_dq_union_kernel", "_dq_kernel", "_dkv_kernel", "_dkv_reduce_kernel"}
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": 1})  # one-query kernel only
+    launches.clear()
+    selected_fwd_launch(RecordingLaunch, q, k, v, idx, 8, 0.25)
+    assert set(launches) == {"_selected_fwd_kernel"} and launches["_selected_fwd_kernel"]["TILE"] == 0
 
 
 # ---- CUDA --------------------------------------------------------------------------------------
