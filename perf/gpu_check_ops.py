@@ -18,7 +18,7 @@ Exits non-zero when a result is wrong.
     compared tie-aware on 512 sampled queries (the first and last included) with float64 scores
     computed only for those rows; o, lse and dq on 256 sampled rows against a float64 gather
     reference (and the same gather in bf16 for the tolerance).
-(b2) Select kernels v1 and v2 (``FLEXNSA_SELECT_IMPL``) on the same 64k inputs, Dk/Dv 128/128 and
+(b2) Select paths v1, v2 and split (``FLEXNSA_SELECT_IMPL``) on the same 64k inputs, Dk/Dv 128/128 and
     192/128: each checked tie-aware on 512 sampled queries and timed; prints which is faster.
 (c) Timings at 64k (``triton.testing.do_bench``, median ms) of select_blocks, the selected forward
     and the backward (deterministic and atomic dK/dV), for Dk/Dv 128/128 and 192/128, with the
@@ -336,12 +336,12 @@ def check_long(T, Dk, Dv, seed, n_select_rows, n_attn_rows, label):
     return out
 
 
-# ---- (b2) select kernel v1 against v2 -----------------------------------------------------------
-SELECT_IMPLS = ("v1", "v2")  # FLEXNSA_SELECT_IMPL values (custom_ops/select_kernel.py)
+# ---- (b2) select paths against each other -------------------------------------------------------
+SELECT_IMPLS = ("v1", "v2", "split")  # FLEXNSA_SELECT_IMPL values (custom_ops/select_kernel.py)
 
 
 def compare_select_impls(T, Dk, Dv, seed, n_rows):
-    """Both select kernels on the same 64k inputs: each checked tie-aware on ``n_rows`` sampled
+    """The select paths on the same 64k inputs: each checked tie-aware on ``n_rows`` sampled
     queries (float64 keys of those rows), then timed; returns one row per kernel."""
     scale = 1.0 / math.sqrt(Dk)
     q, _, _, k_cmp, gen = paper_inputs(T, Dk, Dv, seed)
@@ -382,14 +382,15 @@ def compare_select_impls(T, Dk, Dv, seed, n_rows):
 
 
 def impl_summary(rows) -> list[str]:
-    """One line per (T, Dk/Dv): both times and which kernel is faster."""
+    """One line per (T, Dk/Dv): every path's time and the fastest."""
     lines = []
     for key in sorted({(r["T"], r["Dk"], r["Dv"]) for r in rows}):
         ms = {r["impl"]: r.get("ms") for r in rows if (r["T"], r["Dk"], r["Dv"]) == key}
         if all(ms.get(i) is not None for i in SELECT_IMPLS):
-            faster = min(SELECT_IMPLS, key=lambda i: ms[i])
-            lines.append(f"select T={key[0]} {key[1]}/{key[2]}: v1 {ms['v1']} ms, v2 {ms['v2']} ms -> {faster} faster "
-                         f"({max(ms.values()) / min(ms.values()):.2f}x)")
+            fastest = min(SELECT_IMPLS, key=lambda i: ms[i])
+            times = ", ".join(f"{i} {ms[i]} ms" for i in SELECT_IMPLS)
+            lines.append(f"select T={key[0]} {key[1]}/{key[2]}: {times} -> {fastest} fastest "
+                         f"({max(ms.values()) / min(ms.values()):.2f}x the slowest)")
         else:
             lines.append(f"select T={key[0]} {key[1]}/{key[2]}: " + ", ".join(f"{i} {ms.get(i)}" for i in SELECT_IMPLS)
                          + " (a kernel failed)")
