@@ -7,10 +7,11 @@ With ``P[h, t, s] = exp(scale * q[h, t] . k[g, s] - lse[h, t])`` on the selected
     dk[g, s] = scale * sum_{h in g, t} dS[h, t, s] q[h, t]
     dv[g, s] =         sum_{h in g, t} P[h, t, s] do[h, t]
 
-Three kernels:
+Four kernels:
 
-1. ``_dq_kernel``: one program per (query, batch x KV head), the same gather as the forward; it
-   also writes ``delta`` for step 2.
+1. ``_dq_union_kernel`` then ``_dq_kernel``: dq by the same two-kernel scheme as the forward (query
+   tiles walking the union of their blocks where it is small, one program per query elsewhere);
+   they also write ``delta`` for step 2.
 2. ``_dkv_kernel``: dK/dV without write races through a reverse index. The (batch, KV head, block)
    keys of all valid index slots are sorted (``torch.sort``, stable), so every block owns the
    contiguous list of queries that selected it. Each list is cut into chunks of at most

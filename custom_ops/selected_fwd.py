@@ -8,11 +8,20 @@ For query ``t`` and every query head ``h`` of KV group ``g``:
 with ``S(t)`` the tokens ``s <= t`` of the blocks ``indices[b, g, t, :]`` (``-1`` slots skipped;
 block ``j`` is ``[j*l', (j+1)*l')``). A query without any such token gets ``o = 0``, ``lse = -inf``.
 
-One program per (query position, batch x KV head): it loads the ``G`` query heads as the rows of
-one tile (padded to ``G_PAD >= 16`` rows inside the kernel, K/V are never repeated in memory),
-then loops over the ``n`` slots, loading each selected K/V block once for all heads, with an
-online softmax in float32 (base-2 exponentials; the returned lse is natural-log). The causal
-mask only cuts the query's own block. Offsets are int64 so that ``T * D`` may exceed 2**31.
+Two kernels, launched in this order (``selected_fwd_launch``):
+
+1. ``_selected_fwd_union_kernel`` (query tiles, ``QT = 4`` by default): one program per tile of QT
+   consecutive queries; if the union of their selections has at most ``MAX_UNION`` distinct blocks
+   (neighbours share blocks: always the init/local ones, in trained models most of them) it walks
+   that union with all ``QT * G_PAD`` rows, each block loaded once, the rows of queries that did not
+   pick it masked; otherwise it only flags the tile (custom_ops/query_tiles.py).
+2. ``_selected_fwd_kernel``: one program per (query position, batch x KV head), skipping flagged-done
+   tiles: it loads the ``G`` query heads as the rows of one tile (padded to ``G_PAD >= 16`` rows
+   inside the kernel, K/V are never repeated in memory), then loops over the ``n`` slots, loading
+   each selected K/V block once for all heads.
+
+Both use an online softmax in float32 (base-2 exponentials; the returned lse is natural-log); the
+causal mask only cuts the query's own block. Offsets are int64 so that ``T * D`` may exceed 2**31.
 """
 
 from __future__ import annotations
