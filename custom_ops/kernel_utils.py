@@ -26,6 +26,18 @@ def mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b)
 
 
+@triton.jit
+def load_kv_block(k_base, v_base, pos, ok, stride_kt, stride_vt,
+                  DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr):  # fmt: skip
+    """The K and V rows at token positions ``pos [BS_PAD]`` (int64) where ``ok``, zeros elsewhere:
+    ``(kb [BS_PAD, DK_PAD], vb [BS_PAD, DV_PAD])``."""
+    dk = tl.arange(0, DK_PAD)
+    dv = tl.arange(0, DV_PAD)
+    kb = tl.load(k_base + pos[:, None] * stride_kt + dk[None, :], mask=ok[:, None] & (dk[None, :] < DK), other=0.0)
+    vb = tl.load(v_base + pos[:, None] * stride_vt + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+    return kb, vb
+
+
 def head_tile(G: int) -> int:
     """Rows of a per-query tile: the G heads padded to a power of two >= 16 (``tl.dot`` minimum)."""
     return max(16, triton.next_power_of_2(G))

@@ -15,7 +15,7 @@ import triton.language as tl
 # Queries per tile by default. H200, paper shape (perf/results/h200/sweep-3.md), QT=4 against the
 # one-query kernels alone: random selections 15.80 vs 15.62 ms forward at 64k, 1.77 vs 1.90 at 8k;
 # selections of correlated queries (neighbours share blocks, as in trained models) 9.92 vs 15.50 ms
-# forward at 64k, 1.07 vs 1.91 at 8k; the selected backward (dq + dK/dV) 24.7 vs 31.1 ms at 64k.
+# forward at 64k, 1.07 vs 1.91 at 8k, and their selected backward (dq + dK/dV) 24.7 vs 31.1 ms at 64k.
 DEFAULT_QT = 4
 
 

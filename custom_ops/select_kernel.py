@@ -680,7 +680,7 @@ def _topn_plan(NB: int, num_selected: int) -> dict:
 
 def select_impl() -> str:
     """``"split"`` (v2's scores stored per query chunk, then a top-n kernel; the default: 11.2 against
-    12.8 ms for v2 at 64k, 0.234 against 0.325 ms at 8k, H200, paper shape), ``"v2"`` (rank merge in
+    12.8 ms for v2 at 64k, 0.234 against 0.327 ms at 8k, H200, paper shape), ``"v2"`` (rank merge in
     the score loop) or ``"v1"`` (n argmax passes per merge), from ``FLEXNSA_SELECT_IMPL``; read at
     every launch so a process can time them all."""
     impl = os.environ.get("FLEXNSA_SELECT_IMPL", "split").strip().lower() or "split"

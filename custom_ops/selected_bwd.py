@@ -34,12 +34,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_utils import dims_pad, head_tile, mma, selection_strides, tuned, upcast_dots
+from .kernel_utils import dims_pad, head_tile, load_kv_block, mma, selection_strides, tuned, upcast_dots
 from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_threshold
 
 __all__ = ["selected_bwd_launch", "build_reverse_index", "DKV_CHUNK"]
 
 DKV_CHUNK = 1024  # queries per dK/dV work item
+
+
+@triton.jit
+def _dq_rows_setup(o_ptr, do_ptr, lse_ptr, delta_ptr, o_off, o_mask, lse_off, row_ok):
+    """Per query row: ``do [ROWS, DV_PAD]``, ``delta = rowsum(o * do)`` (float32, also stored for the
+    dK/dV kernel) and the lse in base 2 (0 for rows without a key)."""
+    do = tl.load(do_ptr + o_off, mask=o_mask, other=0.0)
+    o = tl.load(o_ptr + o_off, mask=o_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # [ROWS]
+    tl.store(delta_ptr + lse_off, delta, mask=row_ok)
+    lse = tl.load(lse_ptr + lse_off, mask=row_ok, other=0.0)
+    return do, delta, tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+
+
+@triton.jit
+def _dq_step(dq, q, do, kb, vb, p_ok, lse2, delta, scale_log2, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``dq += dS @ K`` for one block (unscaled), ``dS = P * (do @ V^T - delta)``, ``P`` where ``p_ok``."""
+    logits = mma(q, tl.trans(kb), IEEE, UPCAST) * scale_log2  # [ROWS, BS_PAD]
+    p = tl.where(p_ok, tl.exp2(logits - lse2[:, None]), 0.0)
+    dp = mma(do, tl.trans(vb), IEEE, UPCAST)  # [ROWS, BS_PAD]
+    ds = p * (dp - delta[:, None])
+    return dq + mma(ds.to(kb.dtype), kb, IEEE, UPCAST)
 
 
 @triton.jit
@@ -106,13 +128,8 @@ def _dq_kernel(
     q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)  # [G_PAD, DK_PAD]
     o_off = b * stride_ob + head[:, None] * stride_oh + t * stride_ot + dv[None, :]
     o_mask = head_ok[:, None] & (dv[None, :] < DV)
-    do = tl.load(do_ptr + o_off, mask=o_mask, other=0.0)  # [G_PAD, DV_PAD]
-    o = tl.load(o_ptr + o_off, mask=o_mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # [G_PAD]
     lse_off = b * stride_lb + head * stride_lh + t
-    tl.store(delta_ptr + lse_off, delta, mask=head_ok)
-    lse = tl.load(lse_ptr + lse_off, mask=head_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # such rows have no key
+    do, delta, lse2 = _dq_rows_setup(o_ptr, do_ptr, lse_ptr, delta_ptr, o_off, o_mask, lse_off, head_ok)
 
     scale_log2 = scale * 1.4426950408889634
     dq = tl.zeros((G_PAD, DK_PAD), tl.float32)
@@ -124,17 +141,8 @@ def _dq_kernel(
         blk = tl.load(idx_base + slot).to(tl.int64)
         pos = blk * BS + s_off
         key_ok = (pos >= 0) & (s_off < BS) & (pos <= t)  # blk = -1: pos < 0
-        kb = tl.load(
-            k_base + pos[:, None] * stride_kt + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0
-        )  # [BS_PAD, DK_PAD]
-        vb = tl.load(
-            v_base + pos[:, None] * stride_vt + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0
-        )  # [BS_PAD, DV_PAD]
-        logits = mma(q, tl.trans(kb), IEEE, UPCAST) * scale_log2  # [G_PAD, BS_PAD]
-        p = tl.where(key_ok[None, :] & head_ok[:, None], tl.exp2(logits - lse2[:, None]), 0.0)
-        dp = mma(do, tl.trans(vb), IEEE, UPCAST)  # [G_PAD, BS_PAD]
-        ds = p * (dp - delta[:, None])
-        dq += mma(ds.to(kb.dtype), kb, IEEE, UPCAST)
+        kb, vb = load_kv_block(k_base, v_base, pos, key_ok, stride_kt, stride_vt, DK, DK_PAD, DV, DV_PAD)
+        dq = _dq_step(dq, q, do, kb, vb, key_ok[None, :] & head_ok[:, None], lse2, delta, scale_log2, IEEE, UPCAST)
     tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -213,13 +221,8 @@ def _dq_union_kernel(
     q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)  # [ROWS, DK_PAD]
     o_off = b * stride_ob + head[:, None] * stride_oh + row_t[:, None] * stride_ot + dv[None, :]
     o_mask = row_ok[:, None] & (dv[None, :] < DV)
-    do = tl.load(do_ptr + o_off, mask=o_mask, other=0.0)  # [ROWS, DV_PAD]
-    o = tl.load(o_ptr + o_off, mask=o_mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # [ROWS]
     lse_off = b * stride_lb + head * stride_lh + row_t
-    tl.store(delta_ptr + lse_off, delta, mask=row_ok)
-    lse = tl.load(lse_ptr + lse_off, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # such rows have no key
+    do, delta, lse2 = _dq_rows_setup(o_ptr, do_ptr, lse_ptr, delta_ptr, o_off, o_mask, lse_off, row_ok)
 
     scale_log2 = scale * 1.4426950408889634
     dq = tl.zeros((QT * G_PAD, DK_PAD), tl.float32)
@@ -230,18 +233,9 @@ def _dq_union_kernel(
         blk, has_row = union_block(u, flat, rank, idx_tile, row_q, QT)
         pos = blk * BS + s_off  # [BS_PAD]
         pos_ok = (s_off < BS) & (pos < T)
-        kb = tl.load(
-            k_base + pos[:, None] * stride_kt + dk[None, :], mask=pos_ok[:, None] & (dk[None, :] < DK), other=0.0
-        )  # [BS_PAD, DK_PAD]
-        vb = tl.load(
-            v_base + pos[:, None] * stride_vt + dv[None, :], mask=pos_ok[:, None] & (dv[None, :] < DV), other=0.0
-        )  # [BS_PAD, DV_PAD]
-        logits = mma(q, tl.trans(kb), IEEE, UPCAST) * scale_log2  # [ROWS, BS_PAD]
+        kb, vb = load_kv_block(k_base, v_base, pos, pos_ok, stride_kt, stride_vt, DK, DK_PAD, DV, DV_PAD)
         key_ok = row_ok[:, None] & has_row[:, None] & pos_ok[None, :] & (pos[None, :] <= row_t[:, None])
-        p = tl.where(key_ok, tl.exp2(logits - lse2[:, None]), 0.0)
-        dp = mma(do, tl.trans(vb), IEEE, UPCAST)  # [ROWS, BS_PAD]
-        ds = p * (dp - delta[:, None])
-        dq += mma(ds.to(kb.dtype), kb, IEEE, UPCAST)
+        dq = _dq_step(dq, q, do, kb, vb, key_ok, lse2, delta, scale_log2, IEEE, UPCAST)
     tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 

@@ -30,10 +30,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_utils import LOG2E, TUNING, dims_pad, head_tile, mma, selection_strides, upcast_dots
+from .kernel_utils import LOG2E, TUNING, dims_pad, head_tile, load_kv_block, mma, selection_strides, upcast_dots
 from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_threshold
 
 __all__ = ["selected_fwd_launch"]
+
+
+@triton.jit
+def _online_softmax_step(m_i, l_i, acc, logits, vb, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One block of the online softmax: ``logits [ROWS, BS]`` in base 2 (masked keys ``-inf``),
+    ``vb [BS, DV]``; returns the new row max ``m``, sum ``l`` and ``acc [ROWS, DV]`` (float32)."""
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(logits - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + mma(p.to(vb.dtype), vb, IEEE, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _softmax_result(m_i, l_i, acc):
+    """``(o, lse)`` of the online softmax state (lse natural-log); rows without a key: 0, ``-inf``."""
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    return out, lse
 
 
 @triton.jit
@@ -110,25 +132,12 @@ def _selected_fwd_kernel(
         blk = tl.load(idx_base + slot).to(tl.int64)
         pos = blk * BS + s_off  # [BS_PAD]
         key_ok = (pos >= 0) & (s_off < BS) & (pos <= t)  # blk = -1: pos < 0
-        kb = tl.load(
-            k_base + pos[:, None] * stride_kt + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0
-        )  # [BS_PAD, DK_PAD]
-        vb = tl.load(
-            v_base + pos[:, None] * stride_vt + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0
-        )  # [BS_PAD, DV_PAD]
+        kb, vb = load_kv_block(k_base, v_base, pos, key_ok, stride_kt, stride_vt, DK, DK_PAD, DV, DV_PAD)
         logits = mma(q, tl.trans(kb), IEEE, UPCAST) * scale_log2  # [G_PAD, BS_PAD]
         logits = tl.where(key_ok[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(logits - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + mma(p.to(vb.dtype), vb, IEEE, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, logits, vb, IEEE, UPCAST)
 
-    has_key = l_i > 0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out, lse = _softmax_result(m_i, l_i, acc)
     tl.store(
         o_ptr + b * stride_ob + head[:, None] * stride_oh + t * stride_ot + dv[None, :],
         out.to(o_ptr.dtype.element_ty),
@@ -221,26 +230,13 @@ def _selected_fwd_union_kernel(
         blk, has_row = union_block(u, flat, rank, idx_tile, row_q, QT)
         pos = blk * BS + s_off  # [BS_PAD]
         pos_ok = (s_off < BS) & (pos < T)
-        kb = tl.load(
-            k_base + pos[:, None] * stride_kt + dk[None, :], mask=pos_ok[:, None] & (dk[None, :] < DK), other=0.0
-        )  # [BS_PAD, DK_PAD]
-        vb = tl.load(
-            v_base + pos[:, None] * stride_vt + dv[None, :], mask=pos_ok[:, None] & (dv[None, :] < DV), other=0.0
-        )  # [BS_PAD, DV_PAD]
+        kb, vb = load_kv_block(k_base, v_base, pos, pos_ok, stride_kt, stride_vt, DK, DK_PAD, DV, DV_PAD)
         logits = mma(q, tl.trans(kb), IEEE, UPCAST) * scale_log2  # [ROWS, BS_PAD]
         key_ok = has_row[:, None] & pos_ok[None, :] & (pos[None, :] <= row_t[:, None])
         logits = tl.where(key_ok, logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(logits - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + mma(p.to(vb.dtype), vb, IEEE, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, logits, vb, IEEE, UPCAST)
 
-    has_key = l_i > 0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out, lse = _softmax_result(m_i, l_i, acc)
     tl.store(
         o_ptr + b * stride_ob + head[:, None] * stride_oh + row_t[:, None] * stride_ot + dv[None, :],
         out.to(o_ptr.dtype.element_ty),
