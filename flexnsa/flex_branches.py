@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import reference
 from ._checks import _check_tensor, _expect_shape, check_config, check_qk, check_scale
 from .config import NSAConfig
-from .flex_runtime import cached_block_mask, call_flex, choose_path
+from .flex_runtime import cached_block_mask, call_flex, choose_path, needs_grad
 from .masks.compressed_causal import compressed_causal
 from .masks.pattern import DEFAULT_BLOCK_SIZE, block_mask_from_tables, evaluate_mask_mod, named
 from .masks.sliding_window import sliding_window
@@ -46,10 +46,6 @@ _MAX_CHUNKS = 64
 
 
 # ---- validation ----------------------------------------------------------------------------
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _check_mask_mod(mask_mod) -> None:
     if mask_mod is not None and not callable(mask_mod):
         raise ValueError(
@@ -159,7 +155,7 @@ def sliding_window_attention(q, k, v, window, scale=None, *, mask_mod=None, _pat
     scale = _default_scale(scale, Dk)
     if window == 0:
         return _zeros_in_graph((B, HQ, T, Dv), q, k, v)  # [B, HQ, T, Dv]
-    path = choose_path(q.device, q.dtype, _needs_grad(q, k, v), False, _path)
+    path = choose_path(q.device, q.dtype, needs_grad(q, k, v), False, _path)
     if path == "reference":
         if mask_mod is None:
             return reference.sliding_window_attention(q, k, v, window, scale)[0]
@@ -350,8 +346,8 @@ def compressed_attention(
             (B, HQ, T), float("-inf"), device=q.device, dtype=reference.accumulation_dtype(q.dtype)
         )
         return (out, lse) if return_lse else out
-    needs_grad = _needs_grad(q, k_cmp, v_cmp)
-    path = choose_path(q.device, q.dtype, needs_grad, return_lse, _path)
+    wants_grad = needs_grad(q, k_cmp, v_cmp)
+    path = choose_path(q.device, q.dtype, wants_grad, return_lse, _path)
     if path == "reference":
         if mask_mod is None:
             out, lse = reference.compressed_attention(q, k_cmp, v_cmp, config, scale)
@@ -362,7 +358,7 @@ def compressed_attention(
         return (out, lse) if return_lse else out
     HKV = k_cmp.shape[1]
     if _expand_heads is None:
-        _expand_heads = needs_grad and q.is_cuda and HKV < HQ
+        _expand_heads = wants_grad and q.is_cuda and HKV < HQ
     if _expand_heads and HKV < HQ:
         # FlexAttention's dK/dV pass runs one program per (key tile, KV head) and loops over the G
         # query heads of the group: with Tc = T/16 keys that is too few programs. K/V repeated to the
@@ -372,6 +368,6 @@ def compressed_attention(
         k_cmp = k_cmp.repeat_interleave(HQ // HKV, dim=1)  # [B, HQ, Tc, Dk]
         v_cmp = v_cmp.repeat_interleave(HQ // HKV, dim=1)  # [B, HQ, Tc, Dv]
     if _num_chunks is None:
-        _num_chunks = default_num_chunks(T, Tc, B, k_cmp.shape[1]) if needs_grad and q.is_cuda else 1
+        _num_chunks = default_num_chunks(T, Tc, B, k_cmp.shape[1]) if wants_grad and q.is_cuda else 1
     out, lse = _flex_compressed(path, q, k_cmp, v_cmp, config, scale, return_lse, mask_mod, _num_chunks)
     return (out, lse) if return_lse else out

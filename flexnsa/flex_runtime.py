@@ -36,6 +36,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 __all__ = [
     "PATHS",
     "choose_path",
+    "needs_grad",
     "call_flex",
     "cached_block_mask",
     "clear_block_mask_cache",
@@ -62,6 +63,11 @@ def _find_cpp_compiler() -> bool:
 CPU_CAN_COMPILE = _find_cpp_compiler()
 
 _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """True when autograd will record a call on ``tensors`` (grad mode on, one requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def choose_path(
@@ -106,8 +112,7 @@ def call_flex(
     else:
         fn = _COMPILED_FLEX
     gqa = q.shape[1] != k.shape[1]
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    options = kernel_options_for(q, v, None if needs_grad else forward_options)
+    options = kernel_options_for(q, v, None if needs_grad(q, k, v) else forward_options)
     if not want_lse:
         return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, kernel_options=options), None
     if HAS_AUX_REQUEST:
