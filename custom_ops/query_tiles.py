@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .kernel_utils import head_tile
+
 # Queries per tile by default. H200, paper shape (perf/results/h200/sweep-3.md), QT=4 against the
 # one-query kernels alone: random selections 15.80 vs 15.62 ms forward at 64k, 1.77 vs 1.90 at 8k;
 # selections of correlated queries (neighbours share blocks, as in trained models) 9.92 vs 15.50 ms
@@ -19,13 +21,29 @@ import triton.language as tl
 DEFAULT_QT = 4
 
 
-def union_threshold(qt: int, n: int) -> int:
+def union_head_rows(G: int, qt: int) -> int:
+    """Rows per query in a union tile: the G heads padded to a power of two, and to ``16 // qt`` so
+    that the tile's ``qt * rows`` are at least the 16 a ``tl.dot`` needs. The one-query kernels pad
+    every query to 16 rows (:func:`~.kernel_utils.head_tile`): for G = 4 a tile of 4 queries packs
+    into those 16 rows with no padding at all, where the one-query tiles are 3/4 padding."""
+    return max(triton.next_power_of_2(G), -(-16 // qt))
+
+
+def union_threshold(qt: int, n: int, G: int = 16) -> int:
     """Largest union (distinct blocks of a tile of ``qt`` queries with ``n`` slots each) for which the
-    union kernels run. On the H200 (paper shape, QT=4, every tile on the union kernel) a union block
-    cost ~1.5x one query's block in the one-query kernel: 64k random selections 20.54 ms for 49.9
-    blocks per tile on average against 15.62 ms for 64 (1.69x), 8k 1.867 ms for 34.8 against
-    1.898 ms (1.81x), so break-even near 36-38 of 64. The threshold 2/3 of ``qt * n`` (42 of 64) is
-    the one measured in the mixed runs quoted at ``DEFAULT_QT``; a lower one was not timed."""
+    union kernels run.
+
+    A union tile no taller than one query's tile (``qt * union_head_rows(G, qt) <= head_tile(G)``,
+    e.g. G = 4 with qt = 4) costs per block what the one-query kernel pays per query and block, and a
+    tile's union has at most ``qt * n`` blocks: every tile goes to the union kernel (``qt * n``).
+
+    Taller union tiles (G = 16: 64 rows against 16) cost more per block. On the H200 (paper shape,
+    QT=4, every tile on the union kernel) a union block cost 1.69x (64k: 20.54 ms for 49.9 blocks per
+    tile on average against 15.62 ms for 64) to 1.81x (8k: 1.867 ms for 34.8 against 1.898 ms) one
+    query's block, so break-even near 36-38 of 64; the threshold there is 2/3 of ``qt * n`` (42 of 64),
+    the one measured in the mixed runs quoted at ``DEFAULT_QT``."""
+    if qt * union_head_rows(G, qt) <= head_tile(G):
+        return qt * n
     return (2 * qt * n) // 3
 
 

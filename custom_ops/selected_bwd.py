@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .kernel_utils import dims_pad, head_tile, load_kv_block, mma, selection_strides, tuned, upcast_dots
-from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_threshold
+from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_head_rows, union_threshold
 
 __all__ = ["selected_bwd_launch", "build_reverse_index", "DKV_CHUNK"]
 
@@ -474,17 +474,22 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     args = (q, k, v, indices, out, grad_out, lse, dq, delta)
     strides = selection_strides(q, k, v, indices, out, lse)
     done = delta  # a placeholder pointer when TILE = 0
+    max_union = dq_opts.pop("MAX_UNION", union_threshold(qt, n, G))
+    union_warps = dq_opts.pop("union_warps", None)
     if qt > 1:
         done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=q.device)  # [B*HKV, tiles]
-        union_warps = dq_opts.pop("union_warps", 4 if qt * g_pad * max(dk_pad, dv_pad) <= 64 * 128 else 8)
+        g_rows = dq_opts.pop("union_rows", union_head_rows(G, qt))  # rows per query
+        if union_warps is None:
+            union_warps = 4 if qt * g_rows * max(dk_pad, dv_pad) <= 64 * 128 else 8
         launch(_dq_union_kernel)[(triton.cdiv(T, qt), B * HKV)](
             *args, done, T, HKV, scale, *strides,
-            G_PAD=g_pad, N=n, N_PAD=triton.next_power_of_2(n), QT=qt,
-            MAX_UNION=dq_opts.pop("MAX_UNION", union_threshold(qt, n)), num_warps=union_warps, num_stages=2, **shared,
+            G_PAD=g_rows, N=n, N_PAD=triton.next_power_of_2(n), QT=qt,
+            MAX_UNION=max_union, num_warps=union_warps, num_stages=2, **shared,
         )  # fmt: skip
-    launch(_dq_kernel)[(T, B * HKV)](
-        *args, done, T, HKV, scale, *strides, G_PAD=g_pad, N=n, TILE=qt if qt > 1 else 0, **dq_opts, **shared,
-    )  # fmt: skip
+    if qt == 1 or max_union < qt * n:  # else the union kernel did every tile (none has more than qt * n blocks)
+        launch(_dq_kernel)[(T, B * HKV)](
+            *args, done, T, HKV, scale, *strides, G_PAD=g_pad, N=n, TILE=qt if qt > 1 else 0, **dq_opts, **shared,
+        )  # fmt: skip
 
     # 4 warps: 8 warps needed 207 registers (one CTA per SM, latency-bound); 4 warps ran the whole
     # backward 1.46x faster at 64k on the H200 (perf/NOTES.md, sweep)

@@ -13,8 +13,11 @@ Two kernels, launched in this order (``selected_fwd_launch``):
 1. ``_selected_fwd_union_kernel`` (query tiles, ``QT = 4`` by default): one program per tile of QT
    consecutive queries; if the union of their selections has at most ``MAX_UNION`` distinct blocks
    (neighbours share blocks: always the init/local ones, in trained models most of them) it walks
-   that union with all ``QT * G_PAD`` rows, each block loaded once, the rows of queries that did not
-   pick it masked; otherwise it only flags the tile (custom_ops/query_tiles.py).
+   that union with all ``QT * G_ROWS`` rows (``G_ROWS = union_head_rows(G, QT)``: 4 per query for
+   G = 4, 16 for G = 16), each block loaded once, the rows of queries that did not pick it masked;
+   otherwise it only flags the tile (custom_ops/query_tiles.py). When no tile can exceed the
+   threshold (``MAX_UNION >= QT * n``, the default when a union tile is no taller than one query's
+   tile, e.g. G <= 4) it does every tile and kernel 2 is not launched.
 2. ``_selected_fwd_kernel``: one program per (query position, batch x KV head), skipping flagged-done
    tiles: it loads the ``G`` query heads as the rows of one tile (padded to ``G_PAD >= 16`` rows
    inside the kernel, K/V are never repeated in memory), then loops over the ``n`` slots, loading
@@ -31,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .kernel_utils import LOG2E, TUNING, dims_pad, head_tile, load_kv_block, mma, selection_strides, upcast_dots
-from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_threshold
+from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_head_rows, union_threshold
 
 __all__ = ["selected_fwd_launch"]
 
@@ -252,7 +255,8 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
     :func:`_selected_fwd_union_kernel` on the tiles whose selections share enough blocks, then
     :func:`_selected_fwd_kernel` on the rest), ``MAX_UNION`` (its threshold, default
     ``union_threshold``), ``num_warps`` / ``num_stages`` (of the one-query kernel; ``union_warps`` of
-    the other).
+    the other), ``union_rows`` (rows per query in a union tile, a power of two; default
+    ``union_head_rows``). The same keys in ``TUNING["selected_dq"]`` set the dq kernels.
     """
     options = dict(TUNING.get("selected_fwd", {}))
     qt = options.pop("QT", DEFAULT_QT)
@@ -270,14 +274,21 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
     shared = dict(G=G, G_PAD=g_pad, DK=Dk, DK_PAD=dk_pad, DV=Dv, DV_PAD=dv_pad, BS=slc_block,
                   BS_PAD=dims_pad(slc_block), N=n, IEEE=q.dtype == torch.float32, UPCAST=upcast_dots(q))  # fmt: skip
     done = lse  # a placeholder pointer when TILE = 0
+    max_union = options.pop("MAX_UNION", union_threshold(qt, n, G))
+    union_warps = options.pop("union_warps", None)
     if qt > 1:
         done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=q.device)  # [B*HKV, tiles]
-        union_warps = options.pop("union_warps", 4 if qt * g_pad * max(dk_pad, dv_pad) <= 64 * 128 else 8)
+        g_rows = options.pop("union_rows", union_head_rows(G, qt))  # rows per query
+        tile = qt * g_rows * max(dk_pad, dv_pad)
+        if union_warps is None:  # a 16 x 128 tile: 2 warps, as the one-query kernel below; else 4 or 8
+            union_warps = 2 if tile <= 16 * 128 else (4 if tile <= 64 * 128 else 8)
         launch(_selected_fwd_union_kernel)[(triton.cdiv(T, qt), B * HKV)](
             *args, done, T, HKV, scale * LOG2E, *strides,
-            N_PAD=triton.next_power_of_2(n), QT=qt, MAX_UNION=options.pop("MAX_UNION", union_threshold(qt, n)),
-            num_warps=union_warps, num_stages=2, **shared,
+            N_PAD=triton.next_power_of_2(n), QT=qt, MAX_UNION=max_union,
+            num_warps=union_warps, num_stages=2, **dict(shared, G_PAD=g_rows),
         )  # fmt: skip
+        if max_union >= qt * n:  # every tile has at most qt * n blocks: the union kernel did them all
+            return out, lse
     # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
     warps = 2 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8
     launch(_selected_fwd_kernel)[(T, B * HKV)](

@@ -32,7 +32,8 @@ from .masks.sliding_window import sliding_window
 __all__ = ["sliding_window_attention", "compressed_attention", "default_num_chunks"]
 
 _Q_BLOCK = DEFAULT_BLOCK_SIZE  # query rows per BlockMask tile; chunk lengths are multiples of it
-# Forward-only FlexAttention tiles (16-bit, head dims <= 128; flex_runtime.call_flex), measured on the
+# Forward FlexAttention tiles (16-bit, head dims <= 128; flex_runtime.call_flex: with the fwd_ prefix when
+# autograd records the call, so the backward keeps inductor's tiles), measured without gradients on the
 # H200 (torch 2.11, paper shape, perf/results/h200/sweep-3.md): window 64x64 tiles, 4 warps, 3 stages:
 # 4.34 -> 4.12 ms at 64k, 0.527 -> 0.480 ms at 8k; compressed with TMA loads and 128x128 tiles on
 # 8 warps: 12.05 -> 11.45 ms at 64k (Tc = 4095) but 0.378 -> 0.433 ms at 8k (Tc = 511), hence a

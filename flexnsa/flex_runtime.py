@@ -102,9 +102,10 @@ def call_flex(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``flex_attention`` with GQA on the chosen path; returns ``(o, lse or None)``, lse in nats.
 
-    ``forward_options``: FlexAttention ``kernel_options`` measured faster for this branch's forward;
-    used only when no gradient is needed (they would also set the backward's launch), on CUDA, for
-    16-bit inputs with head dims <= 128 (see :func:`kernel_options_for`).
+    ``forward_options``: FlexAttention ``kernel_options`` measured faster for this branch's forward,
+    on CUDA, for 16-bit inputs with head dims <= 128 (see :func:`kernel_options_for`). When autograd
+    records the call they are passed with FlexAttention's ``fwd_`` prefix, so that they set the
+    forward kernel only and the backward keeps inductor's launch.
     Rows that see no key give ``o = 0`` and ``lse = -inf`` (FlexAttention's convention since 2.5).
     """
     if torch.compiler.is_compiling() or path == "flex_eager":
@@ -112,7 +113,7 @@ def call_flex(
     else:
         fn = _COMPILED_FLEX
     gqa = q.shape[1] != k.shape[1]
-    options = kernel_options_for(q, v, None if needs_grad(q, k, v) else forward_options)
+    options = kernel_options_for(q, v, forward_options, forward_only=not needs_grad(q, k, v))
     if not want_lse:
         return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, kernel_options=options), None
     if HAS_AUX_REQUEST:
@@ -145,18 +146,21 @@ _SMALL_TILES = {
 KERNEL_OPTIONS_OVERRIDE: dict | None = None
 
 
-def kernel_options_for(q: torch.Tensor, v: torch.Tensor, forward_options: dict | None = None):
+def kernel_options_for(
+    q: torch.Tensor, v: torch.Tensor, forward_options: dict | None = None, forward_only: bool = True
+):
     """FlexAttention ``kernel_options`` for these inputs: None (inductor's defaults) except for
     float32 on CUDA with a head dim above 128, where the default tiles do not fit, and
-    ``forward_options`` (a forward-only call's measured tiles) for 16-bit CUDA inputs with head dims
-    <= 128."""
+    ``forward_options`` (a branch's measured forward tiles) for 16-bit CUDA inputs with head dims
+    <= 128: as given for a forward-only call, with the ``fwd_`` prefix (forward kernel only) when
+    ``forward_only`` is False."""
     if KERNEL_OPTIONS_OVERRIDE is not None:
         return dict(KERNEL_OPTIONS_OVERRIDE)
     on_cuda, head_dim = q.device.type == "cuda", max(q.shape[-1], v.shape[-1])
     if on_cuda and q.dtype == torch.float32 and head_dim > 128:
         return dict(_SMALL_TILES)
     if forward_options and on_cuda and q.dtype in (torch.bfloat16, torch.float16) and head_dim <= 128:
-        return dict(forward_options)
+        return {("" if forward_only else "fwd_") + name: value for name, value in forward_options.items()}
     return None
 
 

@@ -31,12 +31,17 @@ VARIANTS = {
     "select_split": [{}, {"ROWS": 8}, {"ROWS": 2}],
     # QT: tiles of QT queries whose union of selected blocks has <= MAX_UNION blocks (default 2/3 of
     # QT * n) run the union kernel, the others the one-query kernel
-    "selected_fwd": [{}, {"QT": 4}, {"QT": 4, "MAX_UNION": 64}, {"QT": 2}],
-    "selected_dq": [{}, {"QT": 4}, {"QT": 4, "MAX_UNION": 64}, {"QT": 2}],
+    "selected_fwd": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
+    "selected_dq": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
     # the same kernels on the selections of correlated queries (each query the mean of 64 random ones,
     # rescaled): neighbours then share most blocks, as in trained models
-    "selected_fwd_corr": [{}, {"QT": 4}, {"QT": 4, "MAX_UNION": 64}, {"QT": 8}],
-    "selected_dq_corr": [{}, {"QT": 4}, {"QT": 4, "MAX_UNION": 64}, {"QT": 8}],
+    "selected_fwd_corr": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 8}],
+    "selected_dq_corr": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 8}],
+    # small-group shape (HQ=32, HKV=8: G=4), random inputs. Default: union tiles of 4 queries x 4 heads
+    # = 16 rows, every tile; {"union_rows": 16, "MAX_UNION": 42} is the previous default (each query's
+    # 4 heads padded to 16 rows, 64-row tiles, union only up to 42 blocks)
+    "selected_fwd_sg": [{}, {"QT": 1}, {"union_rows": 16, "MAX_UNION": 42}, {"QT": 8}, {"union_warps": 4}],
+    "selected_dq_sg": [{}, {"QT": 1}, {"union_rows": 16, "MAX_UNION": 42}, {"QT": 8}, {"union_warps": 2}],
     "flex_cmp_fwd": [{}, {"USE_TMA": True}, {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}],
     "flex_win_fwd": [{}, {"USE_TMA": True}, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
@@ -44,7 +49,11 @@ VARIANTS = {
     # compressed branch forward+backward: query chunks (None: default_num_chunks) and K/V expanded to
     # the HQ query heads (FlexAttention's dK/dV pass then has HQ/HKV times more programs)
     "flex_cmp_train": [{}, {"chunks": 32}, {"expand": True}, {"expand": True, "chunks": 8},
-                       {"expand": True, "USE_TMA": True}],
+                       {"expand": True, "USE_TMA": True}, {"inductor": True}],
+    # the training forward alone (autograd recording): default = the branch's forward tiles with the
+    # fwd_ prefix (compressed: Tc >= 2048 only); {"inductor": True}: no kernel_options at all
+    "flex_cmp_train_fwd": [{}, {"inductor": True}],
+    "flex_win_train_fwd": [{}, {"inductor": True}],
     "selected_dkv": [{}, {"num_stages": 3}, {"ROWS": 32, "num_warps": 4}, {"ROWS": 32, "num_warps": 4, "num_stages": 3},
                      {"num_warps": 8}, {"ROWS": 128}, {"ROWS": 128, "num_warps": 8},
                      {"num_stages": 1}, {"CHUNK": 256}],
@@ -58,6 +67,27 @@ def union_sizes(idx: torch.Tensor, qt: int = 4) -> float:
     tiles = idx[:, :, : T // qt * qt].reshape(B, HKV, T // qt, qt * n).long().sort(-1).values  # [B, HKV, tiles, qt*n]
     distinct = (tiles[..., 1:] != tiles[..., :-1]) & (tiles[..., 1:] >= 0)
     return float((distinct.sum(-1) + (tiles[..., 0] >= 0)).float().mean())
+
+
+def flex_override(variant: dict):
+    """``flex_runtime.KERNEL_OPTIONS_OVERRIDE`` for a flex variant: None (the library's choice) for
+    ``{}``, no options at all (inductor's defaults) for ``{"inductor": True}``, else the options."""
+    if variant.get("inductor"):
+        return {}
+    return dict(variant) or None
+
+
+def small_group_problem(T: int, cfg, scale: float, g: torch.Generator) -> dict:
+    """Random small-group inputs (B=1, HQ=32, HKV=8, D=128, bf16) with the default kernels' selection,
+    output and lse, for the ``*_sg`` kernels."""
+    B, HQ, HKV, D = 1, 32, 8, 128
+    randn = lambda *s: torch.randn(*s, generator=g, device="cuda").bfloat16()  # noqa: E731
+    q, k, v = randn(B, HQ, T, D), randn(B, HKV, T, D), randn(B, HKV, T, D)
+    kc = randn(B, HKV, cfg.num_cmp_tokens(T), D)
+    _, lse_c = flexnsa.compressed_attention(q, kc, kc, cfg, scale=scale, return_lse=True)
+    idx = custom_ops.select_blocks(q, kc, lse_c.float().contiguous(), cfg, scale)
+    o, lse = custom_ops.selected_attention(q, k, v, idx, cfg, scale)
+    return dict(q=q, k=k, v=v, idx=idx, o=o, lse=lse, do=randn(B, HQ, T, D))
 
 
 def main() -> int:
@@ -102,12 +132,21 @@ def main() -> int:
         do_c = randn(B, HQ, T, D)
 
         def cmp_train(chunks=None, expand=None, **options):
-            flex_runtime.KERNEL_OPTIONS_OVERRIDE = options or None
+            flex_runtime.KERNEL_OPTIONS_OVERRIDE = flex_override(options)
             kx, vx = (kcg.repeat_interleave(HQ // HKV, 1), vcg.repeat_interleave(HQ // HKV, 1)) if expand else (kcg, vcg)
             out_c, lse_c = flexnsa.compressed_attention(
                 qg, kx, vx, cfg, scale=scale, return_lse=True, _num_chunks=chunks, _expand_heads=False)
             torch.autograd.backward((out_c, lse_c), (do_c, torch.zeros_like(lse_c)))
 
+        kg, vg = k.detach().requires_grad_(True), v.detach().requires_grad_(True)
+        train_fwd = {  # forwards with autograd recording (the graph is dropped: no backward)
+            "flex_cmp_train_fwd": lambda: flexnsa.compressed_attention(qg, kcg, vcg, cfg, scale=scale, return_lse=True),
+            "flex_win_train_fwd": lambda: flexnsa.sliding_window_attention(qg, kg, vg, cfg.window, scale=scale),
+        }
+        sg = small_group_problem(T, cfg, scale, g) if any(n.endswith("_sg") for n in args.kernels.split(",")) else None
+        if sg is not None:
+            union["small_group"] = union_sizes(sg["idx"])
+            print("small-group union per 4 queries:", union["small_group"], flush=True)
         calls = {
             "select_v2": lambda: custom_ops.select_blocks(q, kc, lse, cfg, scale),
             "selected_fwd": lambda: custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale),
@@ -122,6 +161,10 @@ def main() -> int:
             "selected_dkv": lambda: torch.ops.flexnsa.selected_attention_backward(
                 do, q, k, v, o, lse_s, idx_ref, cfg.slc_block, scale, True),
         }  # fmt: skip
+        if sg is not None:
+            calls["selected_fwd_sg"] = lambda: custom_ops.selected_attention(sg["q"], sg["k"], sg["v"], sg["idx"], cfg, scale)
+            calls["selected_dq_sg"] = lambda: torch.ops.flexnsa.selected_attention_backward(
+                sg["do"], sg["q"], sg["k"], sg["v"], sg["o"], sg["lse"], sg["idx"], cfg.slc_block, scale, True)
         for name in args.kernels.split(","):
             for variant in VARIANTS[name]:
                 if time.time() - t_start > args.budget:
@@ -129,9 +172,14 @@ def main() -> int:
                     break
                 kernel_utils.TUNING.clear()
                 row = {"T": T, "kernel": name, "variant": json.dumps(variant)}
-                if name == "flex_cmp_train":  # autograd: timed outside no_grad
+                if name in train_fwd or name == "flex_cmp_train":  # autograd recording: timed outside no_grad
+                    if name == "flex_cmp_train":  # cmp_train sets the override itself
+                        fn, leaves = (lambda: cmp_train(**variant)), (qg, kcg, vcg)
+                    else:
+                        flex_runtime.KERNEL_OPTIONS_OVERRIDE = flex_override(variant)
+                        fn, leaves = train_fwd[name], ()
                     try:
-                        row["ms"] = median_ms(lambda: cmp_train(**variant), q.device, leaves=(qg, kcg, vcg))
+                        row["ms"] = median_ms(fn, q.device, leaves=leaves)
                     except Exception as err:
                         row["error"] = repr(err)[:160]
                     flex_runtime.KERNEL_OPTIONS_OVERRIDE = None
@@ -139,9 +187,9 @@ def main() -> int:
                     print(row, flush=True)
                     continue
                 if name.startswith("flex_"):
-                    flex_runtime.KERNEL_OPTIONS_OVERRIDE = dict(variant) if variant else None
+                    flex_runtime.KERNEL_OPTIONS_OVERRIDE = flex_override(variant)
                 else:
-                    kernel_utils.TUNING[TUNING_KEY.get(name, name.removesuffix("_corr"))] = dict(variant)
+                    kernel_utils.TUNING[TUNING_KEY.get(name, name.removesuffix("_corr").removesuffix("_sg"))] = dict(variant)
                 os.environ["FLEXNSA_SELECT_IMPL"] = "split" if name == "select_split" else "v2"
                 try:
                     with torch.no_grad():
@@ -149,7 +197,7 @@ def main() -> int:
                         if name.startswith("select_"):
                             row["rows_differing"] = int((out.sort(-1).values != ref_sorted).any(-1).sum())
                         if name.startswith("selected_fwd"):  # against the default kernel's output
-                            want = o_corr if name.endswith("_corr") else o
+                            want = o_corr if name.endswith("_corr") else (sg["o"] if name.endswith("_sg") else o)
                             row["max_abs_diff_o"] = float((out[0].float() - want.float()).abs().max())
                         row["ms"] = median_ms(calls[name], q.device)
                 except Exception as err:  # a variant that does not compile is a finding
@@ -159,13 +207,14 @@ def main() -> int:
                 os.environ.pop("FLEXNSA_SELECT_IMPL", None)
                 rows.append(row)
                 print(row, flush=True)
-        del q, k, v, kc, vc, lse, o, do, qg, kcg, vcg, do_c, q_corr, idx_corr, o_corr, lse_corr
+        del q, k, v, kc, vc, lse, o, do, qg, kcg, vcg, kg, vg, do_c, q_corr, idx_corr, o_corr, lse_corr, sg, calls
         torch.cuda.empty_cache()
     md = ["# Launch-parameter sweep (bf16, B=1, HQ=64, HKV=4, D=128, paper config)", "",
           "| T | kernel | variant | ms | select rows differing from default / fwd max abs diff of o | error |", "|---|---|---|---|---|---|"]
     md += [f"| {r['T']} | {r['kernel']} | `{r['variant']}` | {r.get('ms', float('nan')):.3f} | "
            f"{r.get('rows_differing', r.get('max_abs_diff_o', ''))} | {r.get('error', '')} |" for r in rows if "ms" in r or "error" in r]
-    md += [f"\n{r['T']}: {r['variant']}: random {r['random']:.1f}, correlated {r['correlated']:.1f}" for r in rows if r["kernel"] == "union_sizes"]  # fmt: skip
+    md += [f"\n{r['T']}: {r['variant']}: random {r['random']:.1f}, correlated {r['correlated']:.1f}"
+           + (f", small-group random {r['small_group']:.1f}" if "small_group" in r else "") for r in rows if r["kernel"] == "union_sizes"]  # fmt: skip
     with open(os.path.join(out_dir, "sweep.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:

@@ -458,6 +458,50 @@ def test_cuda_forward_only_tiles_match_reference():
     assert_within_reference_error(lse, exact_lse, lowp_lse, torch.bfloat16, "compressed lse (TMA tiles)")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_forward_tiles_match_reference():
+    """With gradients the branches' forward tiles go to FlexAttention with the ``fwd_`` prefix (the
+    backward keeps inductor's tiles): forward and every input gradient within the bf16 reference's
+    error, for the window (64x64 tiles) and the compressed branch with TMA loads (Tc >= 2048, one
+    query chunk, K/V repeated to the query heads as in training)."""
+    from flexnsa import flex_runtime
+
+    cfg = flexnsa.NSAConfig()
+    dtype = torch.bfloat16
+    probe = torch.zeros(1, 1, 1, 128, device="cuda", dtype=dtype)
+    assert flex_runtime.kernel_options_for(probe, probe, fb._WINDOW_FWD_OPTIONS, forward_only=False) == {
+        "fwd_" + name: value for name, value in fb._WINDOW_FWD_OPTIONS.items()
+    }
+    cases = [
+        ("window", dict(B=1, HQ=4, HKV=2, T=3000, Dk=128, Dv=128, seed=3)),
+        ("compressed", dict(B=1, HQ=2, HKV=1, T=33000, Dk=128, Dv=64, seed=4)),
+    ]
+    for name, s in cases:
+        if name == "window":
+            inputs = [x.requires_grad_() for x in window_inputs(s, dtype, "cuda")]
+            fast = lambda *x: fb.sliding_window_attention(*x, cfg.window)  # noqa: E731
+            ref = lambda *x, **kw: reference.sliding_window_attention(*x, cfg.window, **kw)[0]  # noqa: E731
+        else:
+            assert cfg.num_cmp_tokens(s["T"]) >= fb._COMPRESSED_TMA_MIN_KEYS
+            inputs = [x.requires_grad_() for x in compressed_inputs(s, cfg, dtype, "cuda")]
+            fast = lambda *x: fb.compressed_attention(*x, cfg, _num_chunks=1)  # noqa: E731
+            ref = lambda *x, **kw: reference.compressed_attention(*x, cfg, **kw)[0]  # noqa: E731
+        out = fast(*inputs)
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, grad)
+        cpu = [x.detach().cpu() for x in inputs]
+        exact_in = [x.double().requires_grad_() for x in cpu]
+        exact = ref(*exact_in)
+        exact_grads = torch.autograd.grad(exact, exact_in, grad.cpu().double())
+        lowp_in = [x.clone().requires_grad_() for x in cpu]
+        lowp = ref(*lowp_in, upcast=False)
+        lowp_grads = torch.autograd.grad(lowp, lowp_in, grad.cpu())
+        assert_within_reference_error(out.cpu(), exact, lowp, dtype, f"{name} o (training forward tiles)")
+        for g, e, lp, arg in zip(grads, exact_grads, lowp_grads, ("q", "k", "v")):
+            assert_within_reference_error(g.cpu(), e, lp, dtype, f"{name} d{arg} (training forward tiles)")
+
+
 @pytest.mark.parametrize("branch", ["compressed", "window"])
 def test_empty_branch_has_zero_gradients(branch):
     """T < l (no compressed token) and window 0 return zeros that autograd still sees as a function of
