@@ -40,11 +40,12 @@ def union_threshold(qt: int, n: int, G: int = 16) -> int:
     Taller union tiles (G = 16: 64 rows against 16) cost more per block. On the H200 (paper shape,
     QT=4, every tile on the union kernel) a union block cost 1.69x (64k: 20.54 ms for 49.9 blocks per
     tile on average against 15.62 ms for 64) to 1.81x (8k: 1.867 ms for 34.8 against 1.898 ms) one
-    query's block, so break-even near 36-38 of 64; the threshold there is 2/3 of ``qt * n`` (42 of 64),
-    the one measured in the mixed runs quoted at ``DEFAULT_QT``."""
+    query's block, so break-even near 36-38 of 64; the threshold there is 9/16 of ``qt * n`` (36 of
+    64). Measured against 42 (2/3) in one process (perf/results/h200/sweep-4.md): forward 15.68 ->
+    15.64 ms at 64k and 1.775 -> 1.724 ms at 8k, dq 3.756 -> 3.745 ms at 8k, equal at 64k."""
     if qt * union_head_rows(G, qt) <= head_tile(G):
         return qt * n
-    return (2 * qt * n) // 3
+    return (9 * qt * n) // 16
 
 
 @triton.jit

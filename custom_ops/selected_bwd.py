@@ -479,8 +479,10 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     if qt > 1:
         done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=q.device)  # [B*HKV, tiles]
         g_rows = dq_opts.pop("union_rows", union_head_rows(G, qt))  # rows per query
-        if union_warps is None:
-            union_warps = 4 if qt * g_rows * max(dk_pad, dv_pad) <= 64 * 128 else 8
+        tile = qt * g_rows * max(dk_pad, dv_pad)
+        if union_warps is None:  # 16 x 128 tiles (G = 4): 2 warps, 35.5 against 39.5 ms with 4 (H200,
+            # small-group 64k, perf/results/h200/sweep-4.md); else 4 or 8
+            union_warps = 2 if tile <= 16 * 128 else (4 if tile <= 64 * 128 else 8)
         launch(_dq_union_kernel)[(triton.cdiv(T, qt), B * HKV)](
             *args, done, T, HKV, scale, *strides,
             G_PAD=g_rows, N=n, N_PAD=triton.next_power_of_2(n), QT=qt,

@@ -28,7 +28,11 @@ VARIANTS = {
     # SKIP_MERGE: timing diagnostic (no top-n merge, wrong indices): splits the time between scores and merge
     "select_v2": [{}, {"SKIP_MERGE": True}, {"maxnreg": 128}, {"BLOCK_C": 128, "num_warps": 8}, {"TRANS": True}],
     # FLEXNSA_SELECT_IMPL=split: scores stored per query chunk, then a bisection top-n kernel
-    "select_split": [{}, {"ROWS": 8}, {"ROWS": 2}],
+    "select_split": [{}, {"ROWS": 8}, {"ROWS": 2}, {"num_warps": 1}, {"num_warps": 2}, {"ROWS": 1, "num_warps": 1},
+                     {"ROWS": 4, "num_warps": 2}],
+    # the split path's scores kernel tiles (TUNING["select_v2"]), top-n at its default
+    "select_split_scores": [{}, {"BLOCK_T": 4}, {"num_warps": 8}, {"BLOCK_T": 16, "num_warps": 8}, {"num_stages": 3},
+                            {"BLOCK_T": 4, "num_stages": 3}],
     # QT: tiles of QT queries whose union of selected blocks has <= MAX_UNION blocks (default 2/3 of
     # QT * n) run the union kernel, the others the one-query kernel
     "selected_fwd": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
@@ -58,7 +62,7 @@ VARIANTS = {
                      {"num_warps": 8}, {"ROWS": 128}, {"ROWS": 128, "num_warps": 8},
                      {"num_stages": 1}, {"CHUNK": 256}],
 }  # fmt: skip
-TUNING_KEY = {"select_split": "select_topn"}
+TUNING_KEY = {"select_split": "select_topn", "select_split_scores": "select_v2"}
 
 
 def union_sizes(idx: torch.Tensor, qt: int = 4) -> float:
@@ -153,6 +157,7 @@ def main() -> int:
             "selected_dq": lambda: torch.ops.flexnsa.selected_attention_backward(
                 do, q, k, v, o, lse_s, idx_ref, cfg.slc_block, scale, True),
             "select_split": lambda: custom_ops.select_blocks(q, kc, lse, cfg, scale),
+            "select_split_scores": lambda: custom_ops.select_blocks(q, kc, lse, cfg, scale),
             "selected_fwd_corr": lambda: custom_ops.selected_attention(q_corr, k, v, idx_corr, cfg, scale),
             "selected_dq_corr": lambda: torch.ops.flexnsa.selected_attention_backward(
                 do, q_corr, k, v, o_corr, lse_corr, idx_corr, cfg.slc_block, scale, True),
@@ -190,7 +195,7 @@ def main() -> int:
                     flex_runtime.KERNEL_OPTIONS_OVERRIDE = flex_override(variant)
                 else:
                     kernel_utils.TUNING[TUNING_KEY.get(name, name.removesuffix("_corr").removesuffix("_sg"))] = dict(variant)
-                os.environ["FLEXNSA_SELECT_IMPL"] = "split" if name == "select_split" else "v2"
+                os.environ["FLEXNSA_SELECT_IMPL"] = "split" if name.startswith("select_split") else "v2"
                 try:
                     with torch.no_grad():
                         out = calls[name]()

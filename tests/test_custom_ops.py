@@ -600,7 +600,7 @@ def test_tuning_options_reach_the_kernels(monkeypatch):
     fwd = launches.pop("_selected_fwd_kernel")
     assert (fwd["num_warps"], fwd["num_stages"], fwd["TILE"], fwd["grid"]) == (8, 3, 4, (T, B * HKV))
     union = launches.pop("_selected_fwd_union_kernel")  # default QT = 4: the union kernel runs first
-    assert (union["QT"], union["MAX_UNION"], union["grid"]) == (4, 8, (T // 4, B * HKV))
+    assert (union["QT"], union["MAX_UNION"], union["grid"]) == (4, 6, (T // 4, B * HKV))  # 9/16 of 4 x 3
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"num_warps": 2, "QT": 2, "MAX_UNION": 5})
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"ROWS": 32, "CHUNK": 4, "num_warps": 8})
     selected_bwd_launch(RecordingLaunch, o, q, k, v, o, lse, idx, 8, 0.25, atomic=False)
