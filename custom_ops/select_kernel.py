@@ -433,6 +433,10 @@ def _select_topn_kernel_v2(
 # instructions, 0.36 ms at the H200's ~3.3e13 lane instructions/s (132 SMs x 128 lanes x 1.98 GHz);
 # bytes: the keys read once, only j <= t // l' (262144 * 512.5 * 4 B = 0.54 GB, 0.13 ms at ~4 TB/s),
 # the indices 17 MB. Predicted 0.4-0.7 ms; the scores kernel writes the same 0.54 GB (~0.15 ms more).
+# Measured (torch.profiler, H200, perf/results/h200/profile-4.md): 1.85 ms for the 4 top-n launches at
+# 64k with 2 rows on 4 warps: the per-pass row reductions then cross warps (shared memory and a
+# barrier per pass). One row on one warp (the default since) took the whole select from 11.21 to
+# 10.41 ms, i.e. the top-n to ~1.05 ms.
 _INT32_MIN = tl.constexpr(-(2**31))
 _INT32_MAX = tl.constexpr(2**31 - 1)
 
@@ -666,15 +670,16 @@ def _topn_plan(NB: int, num_selected: int) -> dict:
     return dict(
         N=num_selected,
         N_PAD=triton.next_power_of_2(num_selected),
-        # ~2048 keys per program, 2 to 8 rows: the best of the ROWS tried on the H200 (paper shape,
-        # perf/results/h200/sweep-3.md): 8 at 8k (width 128: 0.234 ms against 0.440 with 32 rows), 2 at
-        # 64k (width 1024: 11.21 ms against 11.40 with 4, whole select)
-        ROWS=tuning.get("ROWS", max(2, min(8, 2048 // width))),
+        # one row per program on one warp: the row's reductions stay inside the warp (shuffles, no
+        # shared memory or barrier per bisection pass). H200, paper shape, whole select, one process
+        # (perf/results/h200/sweep-4.md): 10.41 ms at 64k against 11.21 with the previous 2 rows on
+        # 4 warps (10.94 with 2 rows on 1 warp), 0.222 against 0.235 ms at 8k (8 rows on 4 warps)
+        ROWS=tuning.get("ROWS", 1),
         W1=max(16, width // 4),
         W2=max(16, width // 2),
         WIDTH=width,
         STREAM=stream,
-        num_warps=tuning.get("num_warps", 4),
+        num_warps=tuning.get("num_warps", 1),
     )
 
 
