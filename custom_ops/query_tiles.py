@@ -29,6 +29,18 @@ def union_head_rows(G: int, qt: int) -> int:
     return max(triton.next_power_of_2(G), -(-16 // qt))
 
 
+def union_rows_option(options: dict, G: int, qt: int) -> int:
+    """Pops ``union_rows`` (a launcher's ``TUNING`` override of :func:`union_head_rows`) from
+    ``options``; raises ValueError unless it is a power of two >= G with ``qt * rows >= 16`` (fewer
+    rows would drop heads or break ``tl.dot``'s 16-row minimum)."""
+    rows = options.pop("union_rows", union_head_rows(G, qt))
+    if not isinstance(rows, int) or rows < G or rows & (rows - 1) or qt * rows < 16:
+        raise ValueError(
+            f"TUNING 'union_rows' must be a power of two >= G = {G} with QT * union_rows >= 16 (QT = {qt}), got {rows!r}"
+        )
+    return rows
+
+
 def union_threshold(qt: int, n: int, G: int = 16) -> int:
     """Largest union (distinct blocks of a tile of ``qt`` queries with ``n`` slots each) for which the
     union kernels run.

@@ -263,6 +263,7 @@ def _select_topn_kernel_v2(
     UPCAST: tl.constexpr,
     TRANS: tl.constexpr,  # k_cmp @ q^T (needs HEAD_STEP == G_PAD)
     SKIP_MERGE: tl.constexpr,  # timing diagnostic only (perf/gpu_sweep.py): no top-n merge, WRONG indices
+    PREFETCH: tl.constexpr,  # load the next chunk's keys by hand (default), else in the chunk's own iteration
     keys_ptr,  # STORE_KEYS: [B, HKV, TQ, NB] float32 (output), else None
     t_start,  # STORE_KEYS: first query of this launch (the grid covers queries t_start ..)
     stride_yb,
@@ -308,19 +309,27 @@ def _select_topn_kernel_v2(
     top_val = tl.where(slot_2d < N, float("-inf"), float("inf"))
     top_idx = slot_2d + _BIG_INDEX
 
-    # compressed keys of chunk 0; each iteration loads the next chunk's keys before its own merge
-    # (a hand-written prefetch: the data-dependent merge loop keeps Triton from pipelining)
-    tok = -(M - 1) + c_off  # [BLOCK_C] compressed token ids of the chunk
-    tok_ok = (tok >= 0) & (tok < Tc)
-    kc_a = _load_kc_part(kc_base, tok, tok_ok, stride_kt, 0, D_A, DK)
-    if D_B > 0:
-        kc_b = _load_kc_part(kc_base, tok, tok_ok, stride_kt, D_A, D_B, DK)
+    # PREFETCH: compressed keys of chunk 0 here, and each iteration loads the next chunk's keys into
+    # registers before its own merge (a hand-written prefetch: the data-dependent merge loop keeps
+    # Triton from pipelining). Otherwise each iteration loads its own keys, which Triton's pipeliner
+    # may stage in shared memory (the split path's scores kernel has no merge loop), saving the
+    # registers of the prefetched tile.
+    if PREFETCH:
+        tok = -(M - 1) + c_off  # [BLOCK_C] compressed token ids of the chunk
+        tok_ok = (tok >= 0) & (tok < Tc)
+        kc_a = _load_kc_part(kc_base, tok, tok_ok, stride_kt, 0, D_A, DK)
+        if D_B > 0:
+            kc_b = _load_kc_part(kc_base, tok, tok_ok, stride_kt, D_A, D_B, DK)
     for chunk in range(num_chunks):
         j0 = chunk * BLOCKS_PER_CHUNK
         tok = j0 * R - (M - 1) + c_off
         tok_ok = (tok >= 0) & (tok < Tc)
         tok_next = tok + BLOCKS_PER_CHUNK * R
         next_ok = tok_next < Tc  # (the last iteration loads keys it does not use)
+        if not PREFETCH:
+            kc_a = _load_kc_part(kc_base, tok, tok_ok, stride_kt, 0, D_A, DK)  # [BLOCK_C, D_A]
+            if D_B > 0:
+                kc_b = _load_kc_part(kc_base, tok, tok_ok, stride_kt, D_A, D_B, DK)  # [BLOCK_C, D_B]
         # every token of the chunk visible to every query of the tile: no mask (rows past T or past
         # the group have lse = +inf, p = 0)
         full = (j0 * R - (M - 1) >= 0) & ((j0 * R - (M - 1) + BLOCK_C - 1) * CMP_STRIDE + CMP_BLOCK - 1 <= t0)
@@ -333,9 +342,6 @@ def _select_topn_kernel_v2(
                 visible_t = tok_ok[:, None] & (tok[:, None] * CMP_STRIDE + CMP_BLOCK - 1 <= row_t[None, :])
                 probs_t = tl.where(visible_t, probs_t, 0.0)  # [BLOCK_C, ROWS]
             group_probs_t = tl.sum(tl.reshape(probs_t, (BLOCK_C, BLOCK_T, HEAD_STEP)), axis=2)  # [C, BLOCK_T]
-            kc_a = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, 0, D_A, DK)
-            if D_B > 0:
-                kc_b = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, D_A, D_B, DK)
             group_probs = tl.trans(group_probs_t)  # [BLOCK_T, BLOCK_C]
         elif HEAD_STEP == G_PAD:
             logits = mma(q_a, tl.trans(kc_a), IEEE, UPCAST)  # [ROWS, BLOCK_C]
@@ -346,9 +352,6 @@ def _select_topn_kernel_v2(
                 visible = tok_ok[None, :] & (tok[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= row_t[:, None])
                 probs = tl.where(visible, probs, 0.0)  # [ROWS, BLOCK_C]
             group_probs = tl.sum(tl.reshape(probs, (BLOCK_T, HEAD_STEP, BLOCK_C)), axis=1)  # [BLOCK_T, C]
-            kc_a = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, 0, D_A, DK)
-            if D_B > 0:
-                kc_b = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, D_A, D_B, DK)
         else:
             group_probs = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
             for step in tl.static_range(G_PAD // HEAD_STEP):
@@ -366,6 +369,8 @@ def _select_topn_kernel_v2(
                     visible = tok_ok[None, :] & (tok[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= row_t[:, None])
                     probs = tl.where(visible, probs, 0.0)
                 group_probs += tl.sum(tl.reshape(probs, (BLOCK_T, HEAD_STEP, BLOCK_C)), axis=1)
+
+        if PREFETCH:  # the next chunk's keys, before this chunk's merge
             kc_a = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, 0, D_A, DK)
             if D_B > 0:
                 kc_b = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, D_A, D_B, DK)
@@ -642,6 +647,7 @@ def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block:
         M=m,
         TRANS=bool(tuning.get("TRANS", False)) and head_step == g_pad,
         SKIP_MERGE=bool(tuning.get("SKIP_MERGE", False)),
+        PREFETCH=bool(tuning.get("PREFETCH", True)),
         num_warps=tuning.get("num_warps", 8 if block_t * head_step > 128 else 4),
         num_stages=tuning.get("num_stages", 2),
         **({"maxnreg": tuning["maxnreg"]} if "maxnreg" in tuning else {}),

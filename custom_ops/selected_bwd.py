@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .kernel_utils import dims_pad, head_tile, load_kv_block, mma, selection_strides, tuned, upcast_dots
-from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_head_rows, union_threshold
+from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_rows_option, union_threshold
 
 __all__ = ["selected_bwd_launch", "build_reverse_index", "DKV_CHUNK"]
 
@@ -478,7 +478,7 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     union_warps = dq_opts.pop("union_warps", None)
     if qt > 1:
         done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=q.device)  # [B*HKV, tiles]
-        g_rows = dq_opts.pop("union_rows", union_head_rows(G, qt))  # rows per query
+        g_rows = union_rows_option(dq_opts, G, qt)  # rows per query
         tile = qt * g_rows * max(dk_pad, dv_pad)
         if union_warps is None:  # 16 x 128 tiles (G = 4): 2 warps, 35.5 against 39.5 ms with 4 (H200,
             # small-group 64k, perf/results/h200/sweep-4.md); else 4 or 8

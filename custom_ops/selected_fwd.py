@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .kernel_utils import LOG2E, TUNING, dims_pad, head_tile, load_kv_block, mma, selection_strides, upcast_dots
-from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_head_rows, union_threshold
+from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_rows_option, union_threshold
 
 __all__ = ["selected_fwd_launch"]
 
@@ -278,7 +278,7 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
     union_warps = options.pop("union_warps", None)
     if qt > 1:
         done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=q.device)  # [B*HKV, tiles]
-        g_rows = options.pop("union_rows", union_head_rows(G, qt))  # rows per query
+        g_rows = union_rows_option(options, G, qt)  # rows per query
         tile = qt * g_rows * max(dk_pad, dv_pad)
         if union_warps is None:  # a 16 x 128 tile: 2 warps, as the one-query kernel below; else 4 or 8
             union_warps = 2 if tile <= 16 * 128 else (4 if tile <= 64 * 128 else 8)

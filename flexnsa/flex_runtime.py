@@ -142,8 +142,10 @@ _SMALL_TILES = {
 
 
 # Benchmarks only (perf/gpu_sweep.py): when not None, these kernel_options replace the choice below
-# for every FlexAttention call (each distinct dict compiles once more).
+# for every FlexAttention call (each distinct dict compiles once more); KERNEL_OPTIONS_EXTRA is added
+# to the choice below (e.g. ``bwd_``-prefixed backward tiles on top of a branch's forward tiles).
 KERNEL_OPTIONS_OVERRIDE: dict | None = None
+KERNEL_OPTIONS_EXTRA: dict | None = None
 
 
 def kernel_options_for(
@@ -156,6 +158,12 @@ def kernel_options_for(
     ``forward_only`` is False."""
     if KERNEL_OPTIONS_OVERRIDE is not None:
         return dict(KERNEL_OPTIONS_OVERRIDE)
+    if KERNEL_OPTIONS_EXTRA:
+        return {**(_kernel_options(q, v, forward_options, forward_only) or {}), **KERNEL_OPTIONS_EXTRA}
+    return _kernel_options(q, v, forward_options, forward_only)
+
+
+def _kernel_options(q, v, forward_options, forward_only):
     on_cuda, head_dim = q.device.type == "cuda", max(q.shape[-1], v.shape[-1])
     if on_cuda and q.dtype == torch.float32 and head_dim > 128:
         return dict(_SMALL_TILES)

@@ -1,6 +1,7 @@
-"""Launch-parameter sweep of the selection kernels (``kernel_utils.TUNING``) at the paper shape.
+"""Launch-parameter sweep of the selection kernels (``kernel_utils.TUNING``) and of FlexAttention's
+``kernel_options`` at the paper shape (``*_sg`` kernels: the small-group shape).
 
-For each kernel and variant (one ``TUNING`` entry at a time): the median time of
+For each kernel and variant (one ``TUNING`` entry or one set of FlexAttention options at a time): the median time of
 ``triton.testing.do_bench`` and, for the select kernel, whether the selected sets equal the default
 variant's (sorted per row; exact: same tiles' arithmetic is not promised, so a mismatch is reported
 as a count, not hidden). Writes ``$OUT/sweep.md`` and ``sweep.json``.
@@ -24,6 +25,15 @@ from flexnsa import custom_ops
 from flexnsa import flex_runtime
 from flexnsa.custom_ops import kernel_utils
 
+# FlexAttention backward tiles (bwd_ prefix: the forward keeps the library's tiles); inductor's H100/H200
+# default for head dim 128 in bf16 is BLOCK_M1/N1/M2/N2 = 64/128/128/64, 3 stages, 8 warps (torch 2.13)
+BWD_TILES = [
+    {"extra": {"bwd_num_stages": 2}},
+    {"extra": {"bwd_num_warps": 4}},
+    {"extra": {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_warps": 4}},
+    {"extra": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4}},
+]
+
 VARIANTS = {
     # SKIP_MERGE: timing diagnostic (no top-n merge, wrong indices): splits the time between scores and merge
     "select_v2": [{}, {"SKIP_MERGE": True}, {"maxnreg": 128}, {"BLOCK_C": 128, "num_warps": 8}, {"TRANS": True}],
@@ -32,7 +42,8 @@ VARIANTS = {
                      {"ROWS": 4, "num_warps": 2}],
     # the split path's scores kernel tiles (TUNING["select_v2"]), top-n at its default
     "select_split_scores": [{}, {"BLOCK_T": 4}, {"num_warps": 8}, {"BLOCK_T": 16, "num_warps": 8}, {"num_stages": 3},
-                            {"BLOCK_T": 4, "num_stages": 3}],
+                            {"BLOCK_T": 4, "num_stages": 3}, {"PREFETCH": False}, {"PREFETCH": False, "num_stages": 3},
+                            {"PREFETCH": False, "num_stages": 3, "num_warps": 8}],
     # QT: tiles of QT queries whose union of selected blocks has <= MAX_UNION blocks (default 2/3 of
     # QT * n) run the union kernel, the others the one-query kernel
     "selected_fwd": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
@@ -53,7 +64,10 @@ VARIANTS = {
     # compressed branch forward+backward: query chunks (None: default_num_chunks) and K/V expanded to
     # the HQ query heads (FlexAttention's dK/dV pass then has HQ/HKV times more programs)
     "flex_cmp_train": [{}, {"chunks": 32}, {"expand": True}, {"expand": True, "chunks": 8},
-                       {"expand": True, "USE_TMA": True}, {"inductor": True}],
+                       {"expand": True, "USE_TMA": True}, {"expand": True, "inductor": True},
+                       *({"expand": True, **tiles} for tiles in BWD_TILES)],
+    # window branch forward+backward; bwd_ tiles added to the library's forward tiles
+    "flex_win_train": [{}, {"inductor": True}, *BWD_TILES],
     # the training forward alone (autograd recording): default = the branch's forward tiles with the
     # fwd_ prefix (compressed: Tc >= 2048 only); {"inductor": True}: no kernel_options at all
     "flex_cmp_train_fwd": [{}, {"inductor": True}],
@@ -73,12 +87,16 @@ def union_sizes(idx: torch.Tensor, qt: int = 4) -> float:
     return float((distinct.sum(-1) + (tiles[..., 0] >= 0)).float().mean())
 
 
-def flex_override(variant: dict):
-    """``flex_runtime.KERNEL_OPTIONS_OVERRIDE`` for a flex variant: None (the library's choice) for
-    ``{}``, no options at all (inductor's defaults) for ``{"inductor": True}``, else the options."""
-    if variant.get("inductor"):
-        return {}
-    return dict(variant) or None
+def set_flex_options(variant: dict | None) -> None:
+    """Sets ``flex_runtime``'s benchmark hooks for a flex variant: the library's choice for ``{}`` or
+    None, no options at all (inductor's defaults) for ``{"inductor": True}``, the library's choice
+    plus ``variant["extra"]`` (e.g. ``bwd_`` tiles) for ``{"extra": {...}}``, else the options alone."""
+    variant = dict(variant or {})
+    flex_runtime.KERNEL_OPTIONS_EXTRA = variant.pop("extra", None)
+    if variant.pop("inductor", False):
+        flex_runtime.KERNEL_OPTIONS_OVERRIDE = {}
+    else:
+        flex_runtime.KERNEL_OPTIONS_OVERRIDE = variant or None
 
 
 def small_group_problem(T: int, cfg, scale: float, g: torch.Generator) -> dict:
@@ -136,11 +154,16 @@ def main() -> int:
         do_c = randn(B, HQ, T, D)
 
         def cmp_train(chunks=None, expand=None, **options):
-            flex_runtime.KERNEL_OPTIONS_OVERRIDE = flex_override(options)
+            set_flex_options(options)
             kx, vx = (kcg.repeat_interleave(HQ // HKV, 1), vcg.repeat_interleave(HQ // HKV, 1)) if expand else (kcg, vcg)
             out_c, lse_c = flexnsa.compressed_attention(
                 qg, kx, vx, cfg, scale=scale, return_lse=True, _num_chunks=chunks, _expand_heads=False)
             torch.autograd.backward((out_c, lse_c), (do_c, torch.zeros_like(lse_c)))
+
+        def win_train(**options):
+            set_flex_options(options)
+            out_w = flexnsa.sliding_window_attention(qg, kg, vg, cfg.window, scale=scale)
+            out_w.backward(do_c)
 
         kg, vg = k.detach().requires_grad_(True), v.detach().requires_grad_(True)
         train_fwd = {  # forwards with autograd recording (the graph is dropped: no backward)
@@ -177,22 +200,24 @@ def main() -> int:
                     break
                 kernel_utils.TUNING.clear()
                 row = {"T": T, "kernel": name, "variant": json.dumps(variant)}
-                if name in train_fwd or name == "flex_cmp_train":  # autograd recording: timed outside no_grad
-                    if name == "flex_cmp_train":  # cmp_train sets the override itself
+                if name in train_fwd or name in ("flex_cmp_train", "flex_win_train"):  # autograd: outside no_grad
+                    if name == "flex_cmp_train":  # cmp_train / win_train set the options themselves
                         fn, leaves = (lambda: cmp_train(**variant)), (qg, kcg, vcg)
+                    elif name == "flex_win_train":
+                        fn, leaves = (lambda: win_train(**variant)), (qg, kg, vg)
                     else:
-                        flex_runtime.KERNEL_OPTIONS_OVERRIDE = flex_override(variant)
+                        set_flex_options(variant)
                         fn, leaves = train_fwd[name], ()
                     try:
                         row["ms"] = median_ms(fn, q.device, leaves=leaves)
                     except Exception as err:
                         row["error"] = repr(err)[:160]
-                    flex_runtime.KERNEL_OPTIONS_OVERRIDE = None
+                    set_flex_options(None)
                     rows.append(row)
                     print(row, flush=True)
                     continue
                 if name.startswith("flex_"):
-                    flex_runtime.KERNEL_OPTIONS_OVERRIDE = flex_override(variant)
+                    set_flex_options(variant)
                 else:
                     kernel_utils.TUNING[TUNING_KEY.get(name, name.removesuffix("_corr").removesuffix("_sg"))] = dict(variant)
                 os.environ["FLEXNSA_SELECT_IMPL"] = "split" if name.startswith("select_split") else "v2"
@@ -208,7 +233,7 @@ def main() -> int:
                 except Exception as err:  # a variant that does not compile is a finding
                     row["error"] = repr(err)[:160]
                 kernel_utils.TUNING.clear()
-                flex_runtime.KERNEL_OPTIONS_OVERRIDE = None
+                set_flex_options(None)
                 os.environ.pop("FLEXNSA_SELECT_IMPL", None)
                 rows.append(row)
                 print(row, flush=True)

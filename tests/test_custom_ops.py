@@ -384,17 +384,19 @@ def test_interp_select_kernel_paper_blocks_many_candidates(impl, monkeypatch):
 
 @interp_only
 @pytest.mark.parametrize(
-    "tuning, G, Dk, ties",
-    [({"BLOCK_C": 128}, 16, 40, None), ({"BLOCK_T": 256, "BLOCK_C": 32}, 16, 24, "periodic"),
-     ({"BLOCK_T": 32}, 3, 8, "zero_q"), ({"TRANS": True}, 4, 24, None)],
+    "tuning, G, Dk, ties, impl",
+    [({"BLOCK_C": 128}, 16, 40, None, "v2"), ({"BLOCK_T": 256, "BLOCK_C": 32}, 16, 24, "periodic", "v2"),
+     ({"BLOCK_T": 32}, 3, 8, "zero_q", "v2"), ({"TRANS": True}, 4, 24, None, "v2"),
+     ({"PREFETCH": False}, 16, 40, None, "split"), ({"PREFETCH": False, "BLOCK_C": 32}, 3, 24, "periodic", "v2")],
 )  # fmt: skip
-def test_interp_select_v2_tiles(tuning, G, Dk, ties, monkeypatch):
+def test_interp_select_v2_tiles(tuning, G, Dk, ties, impl, monkeypatch):
     """v2 with other tiles: wider chunks (31 blocks), query heads in two dots (q tile too large to
-    keep), a head dim split 32 + 16, several query tiles, the transposed product (``TRANS``);
-    exact ties and many chunks."""
+    keep), a head dim split 32 + 16, several query tiles, the transposed product (``TRANS``), keys
+    loaded in their own iteration (``PREFETCH`` off, also on the split path); exact ties and many
+    chunks."""
     from flexnsa.custom_ops import kernel_utils
 
-    monkeypatch.setenv("FLEXNSA_SELECT_IMPL", "v2")
+    monkeypatch.setenv("FLEXNSA_SELECT_IMPL", impl)
     monkeypatch.setitem(kernel_utils.TUNING, "select_v2", tuning)
     cfg = flexnsa.NSAConfig(cmp_block=4, cmp_stride=2, slc_block=8, num_selected=6, num_init_blocks=1, num_local_blocks=2)
     q, _, _, k_cmp, lse = make_problem(cfg, 1, 2, G, 333, Dk, 4, torch.bfloat16, seed=G + Dk, ties=ties)
@@ -558,7 +560,7 @@ def test_interp_query_tile_kernels(G, T, dims, block, n, dtype, qt, kind, monkey
             assert_keyless_rows_zero(o, lse_t, grads[0], idx, block)
 
 
-def test_query_tile_must_be_a_power_of_two(monkeypatch):
+def test_query_tile_options_are_checked(monkeypatch):
     from flexnsa.custom_ops import kernel_utils
     from flexnsa.custom_ops.selected_bwd import selected_bwd_launch
     from flexnsa.custom_ops.selected_fwd import selected_fwd_launch
@@ -574,6 +576,14 @@ def test_query_tile_must_be_a_power_of_two(monkeypatch):
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": 0})
     with pytest.raises(ValueError, match="QT"):
         selected_bwd_launch(no_launch, q, q, k, v, q, torch.zeros(1, 2, 8), idx, 8, 0.25, atomic=False)
+    # union tiles: rows per query fewer than the G = 2 heads, not a power of two, or under 16 per tile
+    for rows, qt in ((1, 16), (3, 8), (4, 2)):
+        monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt, "union_rows": rows})
+        with pytest.raises(ValueError, match="union_rows"):
+            selected_fwd_launch(no_launch, q, k, v, idx, 8, 0.25)
+        monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": qt, "union_rows": rows})
+        with pytest.raises(ValueError, match="union_rows"):
+            selected_bwd_launch(no_launch, q, q, k, v, q, torch.zeros(1, 2, 8), idx, 8, 0.25, atomic=False)
 
 
 def test_tuning_options_reach_the_kernels(monkeypatch):
