@@ -1,8 +1,10 @@
 """One launch of each selection kernel at 64k (paper shape), for ``ncu`` (see perf/gpu_ncu.sh).
 
-Every kernel runs exactly once (compile included), so ``ncu --kernel-name regex:...`` profiles each
-once: select_blocks (v2), selected_attention forward, its backward (dq, dK/dV), and one decode step
-(batch 16, 64k context).
+Every call runs once (compile included), so ``ncu --kernel-name regex:...`` profiles each of its
+launches once: select_blocks (the split path: per query chunk, the scores kernel then the top-n
+kernel), the same with the scores kernel's ``PREFETCH`` off (registers and occupancy of both),
+selected_attention forward (union and one-query kernels), its backward (dq, dK/dV), and one decode
+step (batch 16, 64k context).
 """
 
 import sys
@@ -10,7 +12,7 @@ import sys
 import torch
 
 import flexnsa
-from flexnsa.custom_ops import api
+from flexnsa.custom_ops import api, kernel_utils
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 cfg = flexnsa.NSAConfig()
@@ -26,6 +28,9 @@ q, k, v = randn(B, HQ, T, D), randn(B, HKV, T, D), randn(B, HKV, T, D)
 kc = randn(B, HKV, cfg.num_cmp_tokens(T), D)
 lse = torch.randn(B, HQ, T, generator=g, device="cuda") + 6.0  # plausible log-sum-exp scale
 idx = api.select_blocks(q, kc, lse, cfg)
+kernel_utils.TUNING["select_v2"] = {"PREFETCH": False}
+api.select_blocks(q, kc, lse, cfg)
+kernel_utils.TUNING.clear()
 q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
 o, _ = api.selected_attention(q, k, v, idx, cfg)
 o.backward(randn(*o.shape))
