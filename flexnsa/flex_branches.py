@@ -37,7 +37,8 @@ _Q_BLOCK = DEFAULT_BLOCK_SIZE  # query rows per BlockMask tile; chunk lengths ar
 # H200 (torch 2.11, paper shape, perf/results/h200/sweep-3.md): window 64x64 tiles, 4 warps, 3 stages:
 # 4.34 -> 4.12 ms at 64k, 0.527 -> 0.480 ms at 8k; compressed with TMA loads and 128x128 tiles on
 # 8 warps: 12.05 -> 11.45 ms at 64k (Tc = 4095) but 0.378 -> 0.433 ms at 8k (Tc = 511), hence a
-# threshold on Tc (2048: between the two measured points).
+# threshold on Tc (2048: between the two measured points). Training forward with the fwd_ prefix
+# (perf/results/h200/sweep-4.md): compressed 12.27 -> 11.75 ms, window 4.29 -> 4.18 ms at 64k.
 _WINDOW_FWD_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 _COMPRESSED_FWD_OPTIONS = {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
 _COMPRESSED_TMA_MIN_KEYS = 2048
