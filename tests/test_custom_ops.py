@@ -586,6 +586,18 @@ def test_query_tile_options_are_checked(monkeypatch):
             selected_bwd_launch(no_launch, q, q, k, v, q, torch.zeros(1, 2, 8), idx, 8, 0.25, atomic=False)
 
 
+def test_union_tile_rows_and_threshold():
+    """Rows per query in a union tile and the union threshold (QT = 4, n = 16): G <= 4 packs a tile into
+    the 16 rows of one query's padded tile, so every tile takes the union kernel (threshold QT * n);
+    taller tiles use 36 of 64."""
+    from flexnsa.custom_ops.query_tiles import union_head_rows, union_threshold
+
+    assert [union_head_rows(G, 4) for G in (1, 2, 3, 4, 5, 8, 16)] == [4, 4, 4, 4, 8, 8, 16]
+    assert [union_head_rows(G, qt) for G, qt in ((1, 1), (1, 16), (3, 8))] == [16, 1, 4]
+    assert [union_threshold(4, 16, G) for G in (1, 3, 4, 8, 16)] == [64, 64, 64, 36, 36]
+    assert union_threshold(2, 16, 4) == 32  # 2 queries x 8 rows (4 heads padded): 16 rows, every tile
+
+
 def test_tuning_options_reach_the_kernels(monkeypatch):
     """``TUNING`` options arrive as launch arguments (recorded, nothing runs)."""
     from flexnsa.custom_ops import kernel_utils
