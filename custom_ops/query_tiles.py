@@ -41,12 +41,12 @@ def union_rows_option(options: dict, G: int, qt: int) -> int:
     return rows
 
 
-def union_threshold(qt: int, n: int, G: int = 16) -> int:
+def union_threshold(qt: int, n: int, G: int = 16, rows: int | None = None) -> int:
     """Largest union (distinct blocks of a tile of ``qt`` queries with ``n`` slots each) for which the
     union kernels run.
 
-    A union tile no taller than one query's tile (``qt * union_head_rows(G, qt) <= head_tile(G)``,
-    e.g. G = 4 with qt = 4) costs per block what the one-query kernel pays per query and block, and a
+    A union tile no taller than one query's tile (``qt * rows <= head_tile(G)``, ``rows`` the rows
+    per query, default :func:`union_head_rows`; e.g. G = 4 with qt = 4) costs per block what the one-query kernel pays per query and block, and a
     tile's union has at most ``qt * n`` blocks: every tile goes to the union kernel (``qt * n``).
 
     Taller union tiles (G = 16: 64 rows against 16) cost more per block. On the H200 (paper shape,
@@ -55,7 +55,7 @@ def union_threshold(qt: int, n: int, G: int = 16) -> int:
     query's block, so break-even near 36-38 of 64; the threshold there is 9/16 of ``qt * n`` (36 of
     64). Measured against 42 (2/3) in one process (perf/results/h200/sweep-4.md): forward 15.68 ->
     15.64 ms at 64k and 1.775 -> 1.724 ms at 8k, dq 3.756 -> 3.745 ms at 8k, equal at 64k."""
-    if qt * union_head_rows(G, qt) <= head_tile(G):
+    if qt * (union_head_rows(G, qt) if rows is None else rows) <= head_tile(G):
         return qt * n
     return (9 * qt * n) // 16
 

@@ -474,11 +474,11 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     args = (q, k, v, indices, out, grad_out, lse, dq, delta)
     strides = selection_strides(q, k, v, indices, out, lse)
     done = delta  # a placeholder pointer when TILE = 0
-    max_union = dq_opts.pop("MAX_UNION", union_threshold(qt, n, G))
+    g_rows = union_rows_option(dq_opts, G, qt)  # rows per query of a union tile
+    max_union = dq_opts.pop("MAX_UNION", union_threshold(qt, n, G, g_rows))
     union_warps = dq_opts.pop("union_warps", None)
     if qt > 1:
         done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=q.device)  # [B*HKV, tiles]
-        g_rows = union_rows_option(dq_opts, G, qt)  # rows per query
         tile = qt * g_rows * max(dk_pad, dv_pad)
         if union_warps is None:  # 16 x 128 tiles (G = 4): 2 warps, 35.5 against 39.5 ms with 4 (H200,
             # small-group 64k, perf/results/h200/sweep-4.md); else 4 or 8

@@ -274,11 +274,11 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
     shared = dict(G=G, G_PAD=g_pad, DK=Dk, DK_PAD=dk_pad, DV=Dv, DV_PAD=dv_pad, BS=slc_block,
                   BS_PAD=dims_pad(slc_block), N=n, IEEE=q.dtype == torch.float32, UPCAST=upcast_dots(q))  # fmt: skip
     done = lse  # a placeholder pointer when TILE = 0
-    max_union = options.pop("MAX_UNION", union_threshold(qt, n, G))
+    g_rows = union_rows_option(options, G, qt)  # rows per query of a union tile
+    max_union = options.pop("MAX_UNION", union_threshold(qt, n, G, g_rows))
     union_warps = options.pop("union_warps", None)
     if qt > 1:
         done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=q.device)  # [B*HKV, tiles]
-        g_rows = union_rows_option(options, G, qt)  # rows per query
         tile = qt * g_rows * max(dk_pad, dv_pad)
         if union_warps is None:  # a 16 x 128 tile: 2 warps, as the one-query kernel below; else 4 or 8
             union_warps = 2 if tile <= 16 * 128 else (4 if tile <= 64 * 128 else 8)

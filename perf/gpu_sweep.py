@@ -44,8 +44,9 @@ VARIANTS = {
     "select_split_scores": [{}, {"BLOCK_T": 4}, {"num_warps": 8}, {"BLOCK_T": 16, "num_warps": 8}, {"num_stages": 3},
                             {"BLOCK_T": 4, "num_stages": 3}, {"PREFETCH": False}, {"PREFETCH": False, "num_stages": 3},
                             {"PREFETCH": False, "num_stages": 3, "num_warps": 8}],
-    # QT: tiles of QT queries whose union of selected blocks has <= MAX_UNION blocks (default 2/3 of
-    # QT * n) run the union kernel, the others the one-query kernel
+    # QT: tiles of QT queries whose union of selected blocks has <= MAX_UNION blocks (default 9/16 of
+    # QT * n, or every tile for G <= 4: query_tiles.union_threshold) run the union kernel, the others
+    # the one-query kernel
     "selected_fwd": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
     "selected_dq": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
     # the same kernels on the selections of correlated queries (each query the mean of 64 random ones,
@@ -56,7 +57,7 @@ VARIANTS = {
     # = 16 rows, every tile; {"union_rows": 16, "MAX_UNION": 42} is the previous default (each query's
     # 4 heads padded to 16 rows, 64-row tiles, union only up to 42 blocks)
     "selected_fwd_sg": [{}, {"QT": 1}, {"union_rows": 16, "MAX_UNION": 42}, {"QT": 8}, {"union_warps": 4}],
-    "selected_dq_sg": [{}, {"QT": 1}, {"union_rows": 16, "MAX_UNION": 42}, {"QT": 8}, {"union_warps": 2}],
+    "selected_dq_sg": [{}, {"QT": 1}, {"union_rows": 16, "MAX_UNION": 42}, {"QT": 8}, {"union_warps": 4}],
     "flex_cmp_fwd": [{}, {"USE_TMA": True}, {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}],
     "flex_win_fwd": [{}, {"USE_TMA": True}, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},

@@ -631,10 +631,12 @@ def test_tuning_options_reach_the_kernels(monkeypatch):
     assert (launches["_dq_kernel"]["num_warps"], launches["_dq_kernel"]["TILE"]) == (2, 2)
     assert (launches["_dq_union_kernel"]["QT"], launches["_dq_union_kernel"]["MAX_UNION"]) == (2, 5)
     assert set(launches) == {"_dq_union_kernel", "_dq_kernel", "_dkv_kernel", "_dkv_reduce_kernel"}
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": 1})  # one-query kernel only
+    # one-query kernel only; a union-tile option does not leak into its launch
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": 1, "union_rows": 16})
     launches.clear()
     selected_fwd_launch(RecordingLaunch, q, k, v, idx, 8, 0.25)
     assert set(launches) == {"_selected_fwd_kernel"} and launches["_selected_fwd_kernel"]["TILE"] == 0
+    assert "union_rows" not in launches["_selected_fwd_kernel"]
 
 
 # ---- CUDA --------------------------------------------------------------------------------------
