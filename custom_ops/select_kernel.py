@@ -679,13 +679,15 @@ def _topn_plan(NB: int, num_selected: int) -> dict:
         # one row per program on one warp: the row's reductions stay inside the warp (shuffles, no
         # shared memory or barrier per bisection pass). H200, paper shape, whole select, one process
         # (perf/results/h200/sweep-4.md): 10.41 ms at 64k against 11.21 with the previous 2 rows on
-        # 4 warps (10.94 with 2 rows on 1 warp), 0.222 against 0.235 ms at 8k (8 rows on 4 warps)
+        # 4 warps (10.94 with 2 rows on 1 warp), 0.222 against 0.235 ms at 8k (8 rows on 4 warps).
+        # Rows wider than 1024 blocks (T > 64k at l' = 64; not timed) get one warp per 1024, so that
+        # a thread holds at most the 32 keys of the measured case
         ROWS=tuning.get("ROWS", 1),
         W1=max(16, width // 4),
         W2=max(16, width // 2),
         WIDTH=width,
         STREAM=stream,
-        num_warps=tuning.get("num_warps", 1),
+        num_warps=tuning.get("num_warps", max(1, width // 1024)),
     )
 
 
