@@ -9,6 +9,7 @@ the products.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -29,16 +30,35 @@ def union_head_rows(G: int, qt: int) -> int:
     return max(triton.next_power_of_2(G), -(-16 // qt))
 
 
-def union_rows_option(options: dict, G: int, qt: int) -> int:
-    """Pops ``union_rows`` (a launcher's ``TUNING`` override of :func:`union_head_rows`) from
-    ``options``; raises ValueError unless it is a power of two >= G with ``qt * rows >= 16`` (fewer
-    rows would drop heads or break ``tl.dot``'s 16-row minimum)."""
+def tile_plan(options: dict, kernel: str, B: int, HKV: int, T: int, G: int, n: int, d_pad: int, device) -> dict:
+    """The query-tile launch plan shared by the selected forward and dq launchers.
+
+    Pops ``TUNING[kernel]``'s tile keys from ``options`` (the rest stays for the one-query kernel):
+    ``QT`` (queries per tile, a power of two, default :data:`DEFAULT_QT`), ``union_rows`` (rows per
+    query of a union tile: a power of two >= G with ``QT * rows >= 16``, default
+    :func:`union_head_rows`), ``MAX_UNION`` (default :func:`union_threshold`), ``union_warps``.
+    Raises ValueError naming the key on a bad value. Returns ``qt``, ``rows``, ``max_union``,
+    ``union_warps``, ``done`` (``int8 [B * HKV, cdiv(T, qt)]`` for the union kernel's flags, None when
+    ``qt == 1``) and ``one_query`` (whether the one-query kernel must run: ``qt == 1``, or a tile may
+    exceed ``max_union``; no tile has more than ``qt * n`` blocks).
+    """
+    qt = options.pop("QT", DEFAULT_QT)
+    if not isinstance(qt, int) or qt < 1 or qt & (qt - 1):
+        raise ValueError(f"TUNING['{kernel}']['QT'] must be a power of two, got {qt!r}")
     rows = options.pop("union_rows", union_head_rows(G, qt))
     if not isinstance(rows, int) or rows < G or rows & (rows - 1) or qt * rows < 16:
         raise ValueError(
-            f"TUNING 'union_rows' must be a power of two >= G = {G} with QT * union_rows >= 16 (QT = {qt}), got {rows!r}"
+            f"TUNING['{kernel}']['union_rows'] must be a power of two >= G = {G} with QT * union_rows >= 16 "
+            f"(QT = {qt}), got {rows!r}"
         )
-    return rows
+    max_union = options.pop("MAX_UNION", union_threshold(qt, n, G, rows))
+    tile = qt * rows * d_pad
+    # 16 x 128 tiles on 2 warps, as the one-query forward (H200, small-group 64k dq: 35.5 against
+    # 39.5 ms with 4 warps, perf/results/h200/sweep-4.md); 64 x 128 on 4, larger on 8
+    union_warps = options.pop("union_warps", 2 if tile <= 16 * 128 else (4 if tile <= 64 * 128 else 8))
+    done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=device) if qt > 1 else None
+    return dict(qt=qt, rows=rows, max_union=max_union, union_warps=union_warps, done=done,
+                one_query=qt == 1 or max_union < qt * n)  # fmt: skip
 
 
 def union_threshold(qt: int, n: int, G: int = 16, rows: int | None = None) -> int:

@@ -386,9 +386,6 @@ def _select_topn_kernel_v2(
         forced = eligible & ((blk[None, :] < NUM_INIT) | (blk[None, :] > own_block[:, None] - NUM_LOCAL))
         key = tl.where(forced, float("inf"), tl.where(eligible, scores, float("-inf")))  # [BLOCK_T, BLOCK_J]
 
-        # Threshold insertion: the best new block replaces the kept set's worst entry while it beats
-        # it (a strictly higher key: kept blocks have lower indices, so they win ties). Rows without
-        # such a block do nothing; the loop runs max-over-rows-of-entries times (often 0).
         if STORE_KEYS:  # every block of the chunk up to the tile's last one (a row reads j <= its own block)
             y_rows = keys_ptr + b * stride_yb + g * stride_yh + (tq - t_start).to(tl.int64) * stride_yt
             y_ok = (tq < T)[:, None] & ((jj < BLOCKS_PER_CHUNK) & (blk <= last_block))[None, :]
@@ -396,6 +393,9 @@ def _select_topn_kernel_v2(
         elif SKIP_MERGE:  # keeps the scores live (one row max) so the timing still includes them
             top_val = tl.maximum(top_val, tl.max(key, axis=1)[:, None])
         else:
+            # Threshold insertion: the best new block replaces the kept set's worst entry while it
+            # beats it (a strictly higher key: kept blocks have lower indices, so they win ties). Rows
+            # without such a block do nothing; the loop runs max-over-rows-of-entries times (often 0).
             best_new = tl.max(key, axis=1)  # [BLOCK_T]
             worst_val = tl.min(top_val, axis=1)  # [BLOCK_T]
             worst_idx = tl.max(tl.where(top_val == worst_val[:, None], top_idx, -1), axis=1)

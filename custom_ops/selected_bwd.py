@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .kernel_utils import dims_pad, head_tile, load_kv_block, mma, selection_strides, tuned, upcast_dots
-from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_rows_option, union_threshold
+from .query_tiles import claim_tile, tile_plan, union_block
 
 __all__ = ["selected_bwd_launch", "build_reverse_index", "DKV_CHUNK"]
 
@@ -466,29 +466,19 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
                   UPCAST=upcast_dots(q))
 
     dq_opts = tuned("selected_dq", num_warps=4 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8, num_stages=2)
-    qt = dq_opts.pop("QT", DEFAULT_QT)  # queries per tile: > 1 runs the union kernel first (query_tiles.py)
-    if not isinstance(qt, int) or qt < 1 or qt & (qt - 1):
-        raise ValueError(f"TUNING['selected_dq']['QT'] must be a power of two, got {qt!r}")
+    tiles = tile_plan(dq_opts, "selected_dq", B, HKV, T, G, n, max(dk_pad, dv_pad), q.device)
     delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T], written by the dq kernels
     dq = torch.empty_like(q)  # [B, HQ, T, Dk]
     args = (q, k, v, indices, out, grad_out, lse, dq, delta)
     strides = selection_strides(q, k, v, indices, out, lse)
-    done = delta  # a placeholder pointer when TILE = 0
-    g_rows = union_rows_option(dq_opts, G, qt)  # rows per query of a union tile
-    max_union = dq_opts.pop("MAX_UNION", union_threshold(qt, n, G, g_rows))
-    union_warps = dq_opts.pop("union_warps", None)
+    qt, done = tiles["qt"], (delta if tiles["done"] is None else tiles["done"])  # delta: a placeholder pointer
     if qt > 1:
-        done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=q.device)  # [B*HKV, tiles]
-        tile = qt * g_rows * max(dk_pad, dv_pad)
-        if union_warps is None:  # 16 x 128 tiles (G = 4): 2 warps, 35.5 against 39.5 ms with 4 (H200,
-            # small-group 64k, perf/results/h200/sweep-4.md); else 4 or 8
-            union_warps = 2 if tile <= 16 * 128 else (4 if tile <= 64 * 128 else 8)
         launch(_dq_union_kernel)[(triton.cdiv(T, qt), B * HKV)](
             *args, done, T, HKV, scale, *strides,
-            G_PAD=g_rows, N=n, N_PAD=triton.next_power_of_2(n), QT=qt,
-            MAX_UNION=max_union, num_warps=union_warps, num_stages=2, **shared,
+            G_PAD=tiles["rows"], N=n, N_PAD=triton.next_power_of_2(n), QT=qt,
+            MAX_UNION=tiles["max_union"], num_warps=tiles["union_warps"], num_stages=2, **shared,
         )  # fmt: skip
-    if qt == 1 or max_union < qt * n:  # else the union kernel did every tile (none has more than qt * n blocks)
+    if tiles["one_query"]:
         launch(_dq_kernel)[(T, B * HKV)](
             *args, done, T, HKV, scale, *strides, G_PAD=g_pad, N=n, TILE=qt if qt > 1 else 0, **dq_opts, **shared,
         )  # fmt: skip

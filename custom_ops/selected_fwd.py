@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .kernel_utils import LOG2E, TUNING, dims_pad, head_tile, load_kv_block, mma, selection_strides, upcast_dots
-from .query_tiles import DEFAULT_QT, claim_tile, union_block, union_rows_option, union_threshold
+from .query_tiles import claim_tile, tile_plan, union_block
 
 __all__ = ["selected_fwd_launch"]
 
@@ -251,44 +251,39 @@ def _selected_fwd_union_kernel(
 def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
     """Runs the forward kernels on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``.
 
-    ``TUNING["selected_fwd"]``: ``QT`` (queries per tile, a power of two; > 1 first runs
-    :func:`_selected_fwd_union_kernel` on the tiles whose selections share enough blocks, then
-    :func:`_selected_fwd_kernel` on the rest), ``MAX_UNION`` (its threshold, default
-    ``union_threshold``), ``num_warps`` / ``num_stages`` (of the one-query kernel; ``union_warps`` of
-    the other), ``union_rows`` (rows per query in a union tile, a power of two; default
-    ``union_head_rows``). The same keys in ``TUNING["selected_dq"]`` set the dq kernels.
+    ``TUNING["selected_fwd"]``: the query-tile keys of :func:`~.query_tiles.tile_plan` (``QT`` > 1
+    first runs :func:`_selected_fwd_union_kernel` on the tiles whose selections share enough blocks,
+    then :func:`_selected_fwd_kernel` on the rest), and ``num_warps`` / ``num_stages`` of the
+    one-query kernel. The same keys in ``TUNING["selected_dq"]`` set the dq kernels.
     """
     options = dict(TUNING.get("selected_fwd", {}))
-    qt = options.pop("QT", DEFAULT_QT)
-    if not isinstance(qt, int) or qt < 1 or qt & (qt - 1):
-        raise ValueError(f"TUNING['selected_fwd']['QT'] must be a power of two, got {qt!r}")
     B, HQ, T, Dk = q.shape
     HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
     G = HQ // HKV
-    out = torch.empty(B, HQ, T, Dv, dtype=q.dtype, device=q.device)  # [B, HQ, T, Dv]
-    lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
     g_pad = head_tile(G)
     dk_pad, dv_pad = dims_pad(Dk), dims_pad(Dv)
+    tiles = tile_plan(options, "selected_fwd", B, HKV, T, G, n, max(dk_pad, dv_pad), q.device)
+    out = torch.empty(B, HQ, T, Dv, dtype=q.dtype, device=q.device)  # [B, HQ, T, Dv]
+    lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
     args = (q, k, v, indices, out, lse)
     strides = selection_strides(q, k, v, indices, out, lse)
     shared = dict(G=G, G_PAD=g_pad, DK=Dk, DK_PAD=dk_pad, DV=Dv, DV_PAD=dv_pad, BS=slc_block,
                   BS_PAD=dims_pad(slc_block), N=n, IEEE=q.dtype == torch.float32, UPCAST=upcast_dots(q))  # fmt: skip
-    done = lse  # a placeholder pointer when TILE = 0
-    g_rows = union_rows_option(options, G, qt)  # rows per query of a union tile
-    max_union = options.pop("MAX_UNION", union_threshold(qt, n, G, g_rows))
-    union_warps = options.pop("union_warps", None)
+    qt, done = tiles["qt"], (lse if tiles["done"] is None else tiles["done"])  # lse: a placeholder pointer
     if qt > 1:
-        done = torch.empty(B * HKV, triton.cdiv(T, qt), dtype=torch.int8, device=q.device)  # [B*HKV, tiles]
-        tile = qt * g_rows * max(dk_pad, dv_pad)
-        if union_warps is None:  # a 16 x 128 tile: 2 warps, as the one-query kernel below; else 4 or 8
-            union_warps = 2 if tile <= 16 * 128 else (4 if tile <= 64 * 128 else 8)
         launch(_selected_fwd_union_kernel)[(triton.cdiv(T, qt), B * HKV)](
             *args, done, T, HKV, scale * LOG2E, *strides,
-            N_PAD=triton.next_power_of_2(n), QT=qt, MAX_UNION=max_union,
-            num_warps=union_warps, num_stages=2, **dict(shared, G_PAD=g_rows),
+            N_PAD=triton.next_power_of_2(n), QT=qt, MAX_UNION=tiles["max_union"],
+            num_warps=tiles["union_warps"], num_stages=2, **dict(shared, G_PAD=tiles["rows"]),
         )  # fmt: skip
-        if max_union >= qt * n:  # every tile has at most qt * n blocks: the union kernel did them all
-            return out, lse
+    if tiles["one_query"]:
+        # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
+        warps = 2 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8
+        launch(_selected_fwd_kernel)[(T, B * HKV)](
+            *args, done, T, HKV, scale * LOG2E, *strides,
+            TILE=qt if qt > 1 else 0, **shared, **{"num_warps": warps, "num_stages": 2, **options},
+        )  # fmt: skip
+    return out, lse
     # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
     warps = 2 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8
     launch(_selected_fwd_kernel)[(T, B * HKV)](

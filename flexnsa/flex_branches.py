@@ -365,7 +365,7 @@ def compressed_attention(
         # FlexAttention's dK/dV pass runs one program per (key tile, KV head) and loops over the G
         # query heads of the group: with Tc = T/16 keys that is too few programs. K/V repeated to the
         # HQ query heads give G times more (their gradients sum back through repeat_interleave):
-        # H200, paper shape, forward+backward of this branch 2.09 -> 1.63 ms at 8k, 49.3 -> 47.7 ms
+        # H200, paper shape, forward+backward of this branch 2.09 -> 1.63 ms at 8k, 49.25 -> 47.96 ms
         # at 64k (perf/NOTES.md, session 4)
         k_cmp = k_cmp.repeat_interleave(HQ // HKV, dim=1)  # [B, HQ, Tc, Dk]
         v_cmp = v_cmp.repeat_interleave(HQ // HKV, dim=1)  # [B, HQ, Tc, Dv]

@@ -70,6 +70,8 @@ def test_split_impl_and_chunks(monkeypatch):
         assert tq == block_t or B * HKV * tq * NB * 4 <= select_kernel.SPLIT_KEYS_BYTES
     plan = select_kernel._topn_plan(1024, 16)
     assert (plan["W1"], plan["W2"], plan["WIDTH"], plan["STREAM"]) == (256, 512, 1024, False)
+    assert (plan["ROWS"], plan["num_warps"]) == (1, 1)  # one row per warp, 32 keys per thread
+    assert select_kernel._topn_plan(2048, 16)["num_warps"] == 2  # wider rows: one warp per 1024 blocks
     assert select_kernel._topn_plan(select_kernel.TOPN_RESIDENT_BLOCKS + 1, 16)["STREAM"]
 
 
