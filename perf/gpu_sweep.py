@@ -175,20 +175,24 @@ def main() -> int:
         if sg is not None:
             union["small_group"] = union_sizes(sg["idx"])
             print("small-group union per 4 queries:", union["small_group"], flush=True)
+        def select():
+            return custom_ops.select_blocks(q, kc, lse, cfg, scale)
+
+        def selected_bwd():
+            return torch.ops.flexnsa.selected_attention_backward(do, q, k, v, o, lse_s, idx_ref, cfg.slc_block, scale, True)
+
         calls = {
-            "select_v2": lambda: custom_ops.select_blocks(q, kc, lse, cfg, scale),
+            "select_v2": select,  # the select kernels: FLEXNSA_SELECT_IMPL and TUNING set below
             "selected_fwd": lambda: custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale),
-            "selected_dq": lambda: torch.ops.flexnsa.selected_attention_backward(
-                do, q, k, v, o, lse_s, idx_ref, cfg.slc_block, scale, True),
-            "select_split": lambda: custom_ops.select_blocks(q, kc, lse, cfg, scale),
-            "select_split_scores": lambda: custom_ops.select_blocks(q, kc, lse, cfg, scale),
+            "selected_dq": selected_bwd,  # the whole selected backward, TUNING["selected_dq"] varied
+            "select_split": select,
+            "select_split_scores": select,
             "selected_fwd_corr": lambda: custom_ops.selected_attention(q_corr, k, v, idx_corr, cfg, scale),
             "selected_dq_corr": lambda: torch.ops.flexnsa.selected_attention_backward(
                 do, q_corr, k, v, o_corr, lse_corr, idx_corr, cfg.slc_block, scale, True),
             "flex_cmp_fwd": lambda: flexnsa.compressed_attention(q, kc, vc, cfg, scale=scale, return_lse=True),
             "flex_win_fwd": lambda: flexnsa.sliding_window_attention(q, k, v, cfg.window, scale=scale),
-            "selected_dkv": lambda: torch.ops.flexnsa.selected_attention_backward(
-                do, q, k, v, o, lse_s, idx_ref, cfg.slc_block, scale, True),
+            "selected_dkv": selected_bwd,  # TUNING["selected_dkv"] varied
         }  # fmt: skip
         if sg is not None:
             calls["selected_fwd_sg"] = lambda: custom_ops.selected_attention(sg["q"], sg["k"], sg["v"], sg["idx"], cfg, scale)
