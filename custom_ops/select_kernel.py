@@ -263,7 +263,8 @@ def _select_topn_kernel_v2(
     UPCAST: tl.constexpr,
     TRANS: tl.constexpr,  # k_cmp @ q^T (needs HEAD_STEP == G_PAD)
     SKIP_MERGE: tl.constexpr,  # timing diagnostic only (perf/gpu_sweep.py): no top-n merge, WRONG indices
-    PREFETCH: tl.constexpr,  # load the next chunk's keys by hand (default), else in the chunk's own iteration
+    PREFETCH: tl.constexpr,  # load the next chunk's keys by hand (v2's default), else in the chunk's own iteration
+    BANDED: tl.constexpr,  # block scores as band sums of the chunk's columns (R a power of two, BLOCK_C = BLOCK_J * R, M <= R + 1), not a float32 product
     keys_ptr,  # STORE_KEYS: [B, HKV, TQ, NB] float32 (output), else None
     t_start,  # STORE_KEYS: first query of this launch (the grid covers queries t_start ..)
     stride_yb,
@@ -375,11 +376,22 @@ def _select_topn_kernel_v2(
             if D_B > 0:
                 kc_b = _load_kc_part(kc_base, tok_next, next_ok, stride_kt, D_A, D_B, DK)
 
-        # overlap weights of token tok (row) in block j0 + jj (column)
-        offset = tok[:, None] - (j0 + jj[None, :]) * R  # [BLOCK_C, BLOCK_J]
-        weight = tl.minimum(offset + M, R) - tl.maximum(offset, 0)
-        weight = tl.where((weight > 0) & (jj[None, :] < BLOCKS_PER_CHUNK), weight, 0).to(tl.float32)
-        scores = tl.dot(group_probs, weight, input_precision="ieee")  # [BLOCK_T, BLOCK_J]
+        if BANDED:  # block jj sums the chunk's columns jj*R .. jj*R + R + M - 2: a band, no product
+            x = tl.reshape(group_probs, (BLOCK_T, BLOCK_J, R))  # x[t, jj, r]: column jj*R + r
+            r_off = tl.arange(0, R)
+            w_own = (r_off + 1) - tl.maximum(r_off - (M - 1), 0)  # w(o) = min(o + M, R) - max(o, 0), o = r - (M-1)
+            scores = tl.sum(x * w_own.to(tl.float32)[None, None, :], axis=2)  # [BLOCK_T, BLOCK_J]
+            if M > 1:  # columns (jj+1)*R + r, r < M - 1: o = R + r - (M-1), w(o) = M - 1 - r
+                w_next = tl.maximum(M - 1 - r_off, 0).to(tl.float32)
+                tail = tl.sum(x * w_next[None, None, :], axis=2)  # [BLOCK_T, BLOCK_J], of block jj - 1
+                nxt = tl.minimum(jj + 1, BLOCK_J - 1)  # (block BLOCK_J - 1 is past the chunk: never eligible)
+                scores += tl.gather(tail, tl.broadcast_to(nxt[None, :], (BLOCK_T, BLOCK_J)), axis=1)
+        else:
+            # overlap weights of token tok (row) in block j0 + jj (column)
+            offset = tok[:, None] - (j0 + jj[None, :]) * R  # [BLOCK_C, BLOCK_J]
+            weight = tl.minimum(offset + M, R) - tl.maximum(offset, 0)
+            weight = tl.where((weight > 0) & (jj[None, :] < BLOCKS_PER_CHUNK), weight, 0).to(tl.float32)
+            scores = tl.dot(group_probs, weight, input_precision="ieee")  # [BLOCK_T, BLOCK_J]
 
         blk = j0 + jj  # [BLOCK_J]
         eligible = (jj[None, :] < BLOCKS_PER_CHUNK) & (blk[None, :] <= own_block[:, None])
@@ -611,6 +623,15 @@ def _kernel_plan(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: in
     )
 
 
+def _banded(r: int, m: int, block_c: int) -> bool:
+    """Whether the v2 kernel can sum a chunk's compressed tokens into block scores as a band (a reshape
+    to ``[blocks, R]``, the weights of the tokens of the block and of the next one) instead of a
+    float32 product with the ``[BLOCK_C, BLOCK_J]`` weight matrix: ``R`` a power of two, the chunk an
+    exact number of ``R``-groups, and a block's tokens within two groups (``M <= R + 1``)."""
+    block_j = max(16, triton.next_power_of_2((block_c - (m - 1)) // r))
+    return r & (r - 1) == 0 and block_c == block_j * r and m <= r + 1
+
+
 def _head_dim_split(Dk: int) -> tuple[int, int]:
     """``(D_A, D_B)``: ``D_A`` the largest power of two <= Dk (at least 16), ``D_B`` the rest padded
     to a power of two >= 16, or 0. 128 -> (128, 0), 192 -> (128, 64), 24 -> (16, 16), 8 -> (16, 0)."""
@@ -619,9 +640,9 @@ def _head_dim_split(Dk: int) -> tuple[int, int]:
     return d_a, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: int) -> dict:
+def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: int, split: bool) -> dict:
     """Tile sizes of the v2 select kernel (``TUNING["select_v2"]`` overrides BLOCK_T, BLOCK_C,
-    num_warps, num_stages)."""
+    num_warps, num_stages, TRANS, PREFETCH, maxnreg); ``split``: the split path's scores kernel."""
     tuning = tuned("select_v2")
     g_pad = triton.next_power_of_2(G)
     d_a, d_b = _head_dim_split(Dk)
@@ -647,7 +668,16 @@ def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block:
         M=m,
         TRANS=bool(tuning.get("TRANS", False)) and head_step == g_pad,
         SKIP_MERGE=bool(tuning.get("SKIP_MERGE", False)),
-        PREFETCH=bool(tuning.get("PREFETCH", True)),
+        # the hand-written prefetch of the next chunk's keys only where the merge loop keeps Triton's
+        # pipeliner off (v2). On the split path (no merge loop) loading each chunk's keys in its own
+        # iteration ran faster: H200, paper shape, same process (perf/results/h200/sweep-5.md): 9.27
+        # against 10.42 ms at 64k, 0.211 against 0.222 ms at 8k
+        PREFETCH=bool(tuning.get("PREFETCH", not split)),
+        # block scores as band sums instead of the float32 product with the weight matrix (whose
+        # operands went through shared memory: the kernel was bound by L1/shared throughput, 88% in
+        # ncu): H200, paper shape, same process (perf/results/h200/sweep-5.md): 8.55 against 9.34 ms
+        # at 64k, 0.202 against 0.217 ms at 8k
+        BANDED=bool(tuning.get("BANDED", True)) and _banded(r, m, block_c),
         num_warps=tuning.get("num_warps", 8 if block_t * head_step > 128 else 4),
         num_stages=tuning.get("num_stages", 2),
         **({"maxnreg": tuning["maxnreg"]} if "maxnreg" in tuning else {}),
@@ -729,7 +759,7 @@ def select_topn_launch(
         kernel, plan = _select_topn_kernel, _kernel_plan(G, Dk, cmp_block, cmp_stride, slc_block)
         scale_arg = scale
     else:
-        kernel, plan = _select_topn_kernel_v2, _kernel_plan_v2(G, Dk, cmp_block, cmp_stride, slc_block)
+        kernel, plan = _select_topn_kernel_v2, _kernel_plan_v2(G, Dk, cmp_block, cmp_stride, slc_block, impl == "split")
         scale_arg = scale * LOG2E
     if Tc == 0:  # no compressed token yet (T < l): a 1-token stand-in keeps the pointer valid, all masked
         k_cmp = k_cmp.new_zeros(B, HKV, 1, Dk)

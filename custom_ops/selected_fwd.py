@@ -284,10 +284,3 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
             TILE=qt if qt > 1 else 0, **shared, **{"num_warps": warps, "num_stages": 2, **options},
         )  # fmt: skip
     return out, lse
-    # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
-    warps = 2 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8
-    launch(_selected_fwd_kernel)[(T, B * HKV)](
-        *args, done, T, HKV, scale * LOG2E, *strides,
-        TILE=qt if qt > 1 else 0, **shared, **{"num_warps": warps, "num_stages": 2, **options},
-    )  # fmt: skip
-    return out, lse

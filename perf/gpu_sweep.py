@@ -41,14 +41,14 @@ VARIANTS = {
     "select_split": [{}, {"ROWS": 8}, {"ROWS": 2}, {"num_warps": 1}, {"num_warps": 2}, {"ROWS": 1, "num_warps": 1},
                      {"ROWS": 4, "num_warps": 2}],
     # the split path's scores kernel tiles (TUNING["select_v2"]), top-n at its default
-    "select_split_scores": [{}, {"BLOCK_T": 4}, {"num_warps": 8}, {"BLOCK_T": 16, "num_warps": 8}, {"num_stages": 3},
-                            {"BLOCK_T": 4, "num_stages": 3}, {"PREFETCH": False}, {"PREFETCH": False, "num_stages": 3},
-                            {"PREFETCH": False, "num_stages": 3, "num_warps": 8}],
+    # (session 6: BLOCK_T 4, 8 warps, 3 stages, the query tile in registers and PREFETCH were slower
+    # than the defaults; perf/results/h200/sweep-5.md)
+    "select_split_scores": [{}, {"BANDED": False}, {"BLOCK_T": 16, "num_warps": 8}, {"num_stages": 1}, {"PREFETCH": True}],
     # QT: tiles of QT queries whose union of selected blocks has <= MAX_UNION blocks (default 9/16 of
     # QT * n, or every tile for G <= 4: query_tiles.union_threshold) run the union kernel, the others
     # the one-query kernel
     "selected_fwd": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
-    "selected_dq": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
+    "selected_dq": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}, {"num_warps": 2}],
     # the same kernels on the selections of correlated queries (each query the mean of 64 random ones,
     # rescaled): neighbours then share most blocks, as in trained models
     "selected_fwd_corr": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 8}],

@@ -387,19 +387,39 @@ def test_interp_select_kernel_paper_blocks_many_candidates(impl, monkeypatch):
     "tuning, G, Dk, ties, impl",
     [({"BLOCK_C": 128}, 16, 40, None, "v2"), ({"BLOCK_T": 256, "BLOCK_C": 32}, 16, 24, "periodic", "v2"),
      ({"BLOCK_T": 32}, 3, 8, "zero_q", "v2"), ({"TRANS": True}, 4, 24, None, "v2"),
-     ({"PREFETCH": False}, 16, 40, None, "split"), ({"PREFETCH": False, "BLOCK_C": 32}, 3, 24, "periodic", "v2")],
+     ({"PREFETCH": False}, 16, 40, None, "split"), ({"PREFETCH": False, "BLOCK_C": 32}, 3, 24, "periodic", "v2"),
+     ({"BANDED": False}, 16, 40, "periodic", "split")],
 )  # fmt: skip
 def test_interp_select_v2_tiles(tuning, G, Dk, ties, impl, monkeypatch):
     """v2 with other tiles: wider chunks (31 blocks), query heads in two dots (q tile too large to
     keep), a head dim split 32 + 16, several query tiles, the transposed product (``TRANS``), keys
-    loaded in their own iteration (``PREFETCH`` off, also on the split path); exact ties and many
-    chunks."""
+    loaded in their own iteration (``PREFETCH`` off, also on the split path), block scores by the
+    float32 product instead of band sums (``BANDED`` off); exact ties and many chunks."""
     from flexnsa.custom_ops import kernel_utils
 
     monkeypatch.setenv("FLEXNSA_SELECT_IMPL", impl)
     monkeypatch.setitem(kernel_utils.TUNING, "select_v2", tuning)
     cfg = flexnsa.NSAConfig(cmp_block=4, cmp_stride=2, slc_block=8, num_selected=6, num_init_blocks=1, num_local_blocks=2)
     q, _, _, k_cmp, lse = make_problem(cfg, 1, 2, G, 333, Dk, 4, torch.bfloat16, seed=G + Dk, ties=ties)
+    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    assert_selection_agrees(idx, reference.select_blocks(q, k_cmp, cfg, lse=lse), q, k_cmp, cfg)
+
+
+
+
+@interp_only
+@pytest.mark.parametrize("cmp_block, cmp_stride, slc_block", [(2, 2, 8), (8, 2, 8), (4, 2, 4), (4, 2, 6)])
+def test_interp_select_banded_block_scores(cmp_block, cmp_stride, slc_block, monkeypatch):
+    """Block scores as band sums of the chunk's columns (``BANDED``, the default) for R = l'/d = 4 with
+    M = l/d = 1 and 4 (a block's tokens in one group of R, or spilling into the next), R = 2; R = 3
+    falls back to the product. Against the float64 selection, tie-aware."""
+    from flexnsa.custom_ops import select_kernel
+
+    r, m = slc_block // cmp_stride, cmp_block // cmp_stride
+    assert select_kernel._banded(r, m, 64) == (r in (2, 4))
+    monkeypatch.setenv("FLEXNSA_SELECT_IMPL", "split")
+    cfg = flexnsa.NSAConfig(cmp_block=cmp_block, cmp_stride=cmp_stride, slc_block=slc_block, num_selected=5)
+    q, _, _, k_cmp, lse = make_problem(cfg, 1, 2, 16, 301, 16, 4, torch.bfloat16, seed=cmp_block + slc_block)
     idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
     assert_selection_agrees(idx, reference.select_blocks(q, k_cmp, cfg, lse=lse), q, k_cmp, cfg)
 

@@ -224,3 +224,16 @@ def test_gpu_split_matches_v2_paper_shape_8k():
     idx = select_with("split", q, k_cmp, lse.float().contiguous(), cfg)
     assert idx.shape == (B, HKV, T, cfg.num_selected)
     assert torch.equal(as_sets(idx), as_sets(select_with("v2", q, k_cmp, lse.float().contiguous(), cfg)))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("banded", [False, True])
+def test_gpu_split_paper_config_agrees_with_reference(banded, monkeypatch):
+    """Paper config (l=32, d=16, l'=64, n=16), G=16, head dim 128, T=2000: the split path, with block
+    scores by the float32 product or as band sums (``BANDED``), agrees tie-aware with float64."""
+    monkeypatch.setitem(kernel_utils.TUNING, "select_v2", {"BANDED": banded})
+    cfg = flexnsa.NSAConfig()
+    q, _, _, k_cmp, lse = make_problem(cfg, 1, 2, 16, 2000, 128, 4, torch.bfloat16, seed=4, device="cuda")
+    idx = select_with("split", q, k_cmp, lse, cfg)
+    assert_selection_agrees(idx, reference.select_blocks(q.cpu(), k_cmp.cpu(), cfg, lse=lse.cpu()), q, k_cmp, cfg)
