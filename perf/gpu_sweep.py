@@ -43,7 +43,8 @@ VARIANTS = {
     # the split path's scores kernel tiles (TUNING["select_v2"]), top-n at its default
     # (session 6: BLOCK_T 4, 8 warps, 3 stages, the query tile in registers and PREFETCH were slower
     # than the defaults; perf/results/h200/sweep-5.md)
-    "select_split_scores": [{}, {"BANDED": False}, {"BLOCK_T": 16, "num_warps": 8}, {"num_stages": 1}, {"PREFETCH": True}],
+    "select_split_scores": [{}, {"BANDED": False}, {"BLOCK_C": 128, "num_warps": 8}, {"BLOCK_T": 16, "num_warps": 8},
+                            {"num_stages": 1}],
     # QT: tiles of QT queries whose union of selected blocks has <= MAX_UNION blocks (default 9/16 of
     # QT * n, or every tile for G <= 4: query_tiles.union_threshold) run the union kernel, the others
     # the one-query kernel
