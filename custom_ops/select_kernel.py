@@ -28,6 +28,11 @@ visibility mask on steps fully visible to the tile; uses ``exp2``; splits the he
 powers of two (192 = 128 + 64) instead of padding; prefetches the next step's ``k_cmp`` by hand.
 See perf/NOTES.md, "select kernel v2".
 
+v2 and split form the block scores of a chunk, ``sum_i w[i, j] P[t, i]``, as band sums where the band
+applies (``BANDED``, the default when ``R`` is a power of two: a reshape of the chunk's columns to
+``[blocks, R]``, a weighted sum over ``R`` and the first ``M - 1`` columns of the next group), else as a
+float32 product with the weight matrix, whose operands pass through shared memory.
+
 split takes v2's data-dependent merge out of the chunk loop: the v2 kernel with ``STORE_KEYS`` stores
 each chunk's keys (the same tiles and arithmetic, so the same float32 keys) into a buffer
 ``[B, HKV, TQ, NB]`` float32, and ``_topn_kernel`` bisects each row's n-th largest key (see the comment
@@ -383,7 +388,7 @@ def _select_topn_kernel_v2(
             scores = tl.sum(x * w_own.to(tl.float32)[None, None, :], axis=2)  # [BLOCK_T, BLOCK_J]
             if M > 1:  # columns (jj+1)*R + r, r < M - 1: o = R + r - (M-1), w(o) = M - 1 - r
                 w_next = tl.maximum(M - 1 - r_off, 0).to(tl.float32)
-                tail = tl.sum(x * w_next[None, None, :], axis=2)  # [BLOCK_T, BLOCK_J], of block jj - 1
+                tail = tl.sum(x * w_next[None, None, :], axis=2)  # [BLOCK_T, BLOCK_J]: group jj's share of block jj - 1
                 nxt = tl.minimum(jj + 1, BLOCK_J - 1)  # (block BLOCK_J - 1 is past the chunk: never eligible)
                 scores += tl.gather(tail, tl.broadcast_to(nxt[None, :], (BLOCK_T, BLOCK_J)), axis=1)
         else:
