@@ -2,7 +2,8 @@
 
 Every call runs once (compile included), so ``ncu --kernel-name regex:...`` profiles each of its
 launches once: select_blocks (the split path: per query chunk, the scores kernel then the top-n
-kernel), the same with the scores kernel's ``PREFETCH`` off (registers and occupancy of both),
+kernel), the same with the scores kernel's band sums off (``BANDED``: the float32 product whose
+operands pass through shared memory; L1/shared traffic of both),
 selected_attention forward (union and one-query kernels), its backward (dq, dK/dV), and one decode
 step (batch 16, 64k context).
 """
@@ -28,7 +29,7 @@ q, k, v = randn(B, HQ, T, D), randn(B, HKV, T, D), randn(B, HKV, T, D)
 kc = randn(B, HKV, cfg.num_cmp_tokens(T), D)
 lse = torch.randn(B, HQ, T, generator=g, device="cuda") + 6.0  # plausible log-sum-exp scale
 idx = api.select_blocks(q, kc, lse, cfg)
-kernel_utils.TUNING["select_v2"] = {"PREFETCH": False}
+kernel_utils.TUNING["select_v2"] = {"BANDED": False}
 api.select_blocks(q, kc, lse, cfg)
 kernel_utils.TUNING.clear()
 q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
