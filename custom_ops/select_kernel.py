@@ -612,14 +612,14 @@ def _kernel_plan(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: in
         head_step //= 2
     r, m = slc_block // cmp_stride, cmp_block // cmp_stride
     block_c = max(tuning.get("BLOCK_C", 64), triton.next_power_of_2(r + m - 1))
-    per_chunk = (block_c - (m - 1)) // r
+    per_chunk, block_j = _chunk_blocks(block_c, r, m)
     return dict(
         G_PAD=g_pad,
         HEAD_STEP=head_step,
         D_PAD=d_pad,
         BLOCK_T=block_t,
         BLOCK_C=block_c,
-        BLOCK_J=max(16, triton.next_power_of_2(per_chunk)),
+        BLOCK_J=block_j,
         BLOCKS_PER_CHUNK=per_chunk,
         R=r,
         M=m,
@@ -628,13 +628,20 @@ def _kernel_plan(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: in
     )
 
 
+def _chunk_blocks(block_c: int, r: int, m: int) -> tuple[int, int]:
+    """``(BLOCKS_PER_CHUNK, BLOCK_J)`` of a chunk of ``block_c`` compressed tokens: the selection
+    blocks whose ``R + M - 1`` tokens it holds (it starts ``M - 1`` tokens before its first block),
+    and that count padded to a power of two >= 16 (a ``tl.dot`` side)."""
+    per_chunk = (block_c - (m - 1)) // r
+    return per_chunk, max(16, triton.next_power_of_2(per_chunk))
+
+
 def _banded(r: int, m: int, block_c: int) -> bool:
     """Whether the v2 kernel can sum a chunk's compressed tokens into block scores as a band (a reshape
     to ``[blocks, R]``, the weights of the tokens of the block and of the next one) instead of a
     float32 product with the ``[BLOCK_C, BLOCK_J]`` weight matrix: ``R`` a power of two, the chunk an
     exact number of ``R``-groups, and a block's tokens within two groups (``M <= R + 1``)."""
-    block_j = max(16, triton.next_power_of_2((block_c - (m - 1)) // r))
-    return r & (r - 1) == 0 and block_c == block_j * r and m <= r + 1
+    return r & (r - 1) == 0 and block_c == _chunk_blocks(block_c, r, m)[1] * r and m <= r + 1
 
 
 def _head_dim_split(Dk: int) -> tuple[int, int]:
@@ -647,7 +654,8 @@ def _head_dim_split(Dk: int) -> tuple[int, int]:
 
 def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: int, split: bool) -> dict:
     """Tile sizes of the v2 select kernel (``TUNING["select_v2"]`` overrides BLOCK_T, BLOCK_C,
-    num_warps, num_stages, TRANS, PREFETCH, maxnreg); ``split``: the split path's scores kernel."""
+    num_warps, num_stages, TRANS, PREFETCH, BANDED, SKIP_MERGE, maxnreg); ``split``: the split path's
+    scores kernel."""
     tuning = tuned("select_v2")
     g_pad = triton.next_power_of_2(G)
     d_a, d_b = _head_dim_split(Dk)
@@ -659,7 +667,7 @@ def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block:
         head_step //= 2
     r, m = slc_block // cmp_stride, cmp_block // cmp_stride
     block_c = max(tuning.get("BLOCK_C", 64), triton.next_power_of_2(r + m - 1))
-    per_chunk = (block_c - (m - 1)) // r
+    per_chunk, block_j = _chunk_blocks(block_c, r, m)
     return dict(
         G_PAD=g_pad,
         HEAD_STEP=head_step,
@@ -667,7 +675,7 @@ def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block:
         D_B=d_b,
         BLOCK_T=block_t,
         BLOCK_C=block_c,
-        BLOCK_J=max(16, triton.next_power_of_2(per_chunk)),
+        BLOCK_J=block_j,
         BLOCKS_PER_CHUNK=per_chunk,
         R=r,
         M=m,
@@ -728,7 +736,8 @@ def _topn_plan(NB: int, num_selected: int) -> dict:
 
 def select_impl() -> str:
     """``"split"`` (v2's scores stored per query chunk, then a top-n kernel; the default: 11.2 against
-    12.8 ms for v2 at 64k, 0.234 against 0.327 ms at 8k, H200, paper shape), ``"v2"`` (rank merge in
+    12.8 ms for v2 at 64k, 0.234 against 0.327 ms at 8k, H200, paper shape, measured before the band
+    sums and the split path's own key loads, which took it to 8.55 ms at 64k), ``"v2"`` (rank merge in
     the score loop) or ``"v1"`` (n argmax passes per merge), from ``FLEXNSA_SELECT_IMPL``; read at
     every launch so a process can time them all."""
     impl = os.environ.get("FLEXNSA_SELECT_IMPL", "split").strip().lower() or "split"
