@@ -14,7 +14,7 @@ from flexnsa._checks import Dims, _check_tensor, _expect_shape, check_block_indi
 
 from . import ops  # noqa: F401  (registers the ops)
 
-__all__ = ["select_blocks", "selected_attention"]
+__all__ = ["select_blocks", "selected_attention", "selected_attention_gated"]
 
 
 def _scale(scale, head_dim: int) -> float:
@@ -104,3 +104,34 @@ def selected_attention(q, k, v, indices, config, scale=None) -> tuple[torch.Tens
     dims = _check_attention_inputs(q, k, v, indices, config)
     scale = _scale(scale, dims.qk_dim)
     return torch.ops.flexnsa.selected_attention(q, k, v, indices, config.slc_block, scale)
+
+
+def selected_attention_gated(q, k, v, indices, o_cmp, o_win, gates, config, scale=None):
+    """:func:`selected_attention` and NSA's gated sum of the three branches in one pass.
+
+    ``y = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` (float32, cast to q's dtype), written by the
+    selected-attention kernels' epilogue, so the selected output is not read back by a separate
+    combine pass (:func:`flexnsa.custom_ops.gated_combine` gives the same values).
+
+    Args:
+        q, k, v, indices, config, scale: as :func:`selected_attention`.
+        o_cmp, o_win: ``[B, HQ, T, Dv]`` compressed and window branch outputs, q's dtype and device.
+        gates: ``[B, HQ, T, 3]`` (cmp, slc, win), any float dtype, on q's device.
+    Returns:
+        ``(y [B, HQ, T, Dv], o_slc [B, HQ, T, Dv], lse [B, HQ, T])``; ``y`` and ``o_slc`` are
+        differentiable in q, k, v, o_cmp, o_win and gates; ``lse`` has no gradient.
+    """
+    config = check_config(config)
+    dims = _check_attention_inputs(q, k, v, indices, config)
+    want = (dims.batch, dims.q_heads, dims.seq_len, dims.v_dim)
+    for name, x in (("o_cmp", o_cmp), ("o_win", o_win)):
+        _check_tensor(name, x, rank=4)
+        _expect_shape(name, x, want, "[B, HQ, T, Dv]")
+        if x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got ({x.dtype}, {x.device})")
+    _check_tensor("gates", gates, rank=4)
+    _expect_shape("gates", gates, (*want[:3], 3), "[B, HQ, T, 3]")
+    if not gates.is_floating_point() or gates.device != q.device:
+        raise ValueError(f"gates must be a float tensor on q's device {q.device}, got {gates.dtype} on {gates.device}")
+    scale = _scale(scale, dims.qk_dim)
+    return torch.ops.flexnsa.selected_attention_gated(q, k, v, indices, o_cmp, o_win, gates, config.slc_block, scale)

@@ -8,6 +8,11 @@ Ops (tensors and Python scalars only, so that ``torch.compile`` and ``opcheck`` 
   ``q, k, v`` through ``register_autograd``; ``lse`` is marked non-differentiable.
 - ``flexnsa::selected_attention_backward(grad_out, q, k, v, out, lse, indices, slc_block, scale,
   deterministic) -> (dq, dk, dv)``
+- ``flexnsa::selected_attention_gated(q, k, v, indices, o_cmp, o_win, gates, slc_block, scale) ->
+  (y, o, lse)``: the selected attention ``o`` and, from the same kernels' epilogue, NSA's gated sum
+  ``y = g_cmp * o_cmp + g_slc * o + g_win * o_win`` (what ``flexnsa::gated_combine`` computes, without
+  its separate pass over ``o``); differentiable in ``q, k, v, o_cmp, o_win, gates`` (the backward is
+  ``gated_combine_backward`` then ``selected_attention_backward``).
 
 Each is a ``torch.library.triton_op``: ``torch.compile`` traces through its body and sees the
 Triton kernels (launched with ``wrap_triton``), so there is no graph break. The body dispatches on
@@ -153,3 +158,54 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("flexnsa::selected_attention", _backward, setup_context=_setup_context)
+
+
+@triton_op("flexnsa::selected_attention_gated", mutates_args=())
+def _selected_attention_gated_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    o_cmp: torch.Tensor,
+    o_win: torch.Tensor,
+    gates: torch.Tensor,
+    slc_block: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not use_triton(q):
+        from flexnsa.reference import combine_branches
+
+        out, lse = torch_path.selected_attention_fwd(q, k, v, indices, slc_block, scale)
+        return combine_branches(o_cmp, out, o_win, gates), out, lse
+    combine = (o_cmp.contiguous(), o_win.contiguous(), gates.contiguous())
+    return selected_fwd_launch(
+        wrap_triton, q.contiguous(), k.contiguous(), v.contiguous(), indices.contiguous(), slc_block, scale, combine
+    )
+
+
+def _setup_context_gated(ctx, inputs, output):
+    q, k, v, indices, o_cmp, o_win, gates, slc_block, scale = inputs
+    _, out, lse = output
+    ctx.save_for_backward(q, k, v, indices, o_cmp, o_win, gates, out, lse)
+    ctx.slc_block = slc_block
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # an unused o arrives as None: no zeros to add
+
+
+def _backward_gated(ctx, grad_y, grad_out, grad_lse):
+    q, k, v, indices, o_cmp, o_win, gates, out, lse = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(out)
+    d_cmp, d_slc, d_win, d_gates = torch.ops.flexnsa.gated_combine_backward(grad_y, o_cmp, out, o_win, gates)
+    if grad_out is not None:  # o itself used downstream as well
+        d_slc = d_slc + grad_out
+    dq, dk, dv = torch.ops.flexnsa.selected_attention_backward(
+        d_slc, q, k, v, out, lse, indices, ctx.slc_block, ctx.scale, not dkv_atomic_allowed()
+    )
+    return dq, dk, dv, None, d_cmp, d_win, d_gates, None, None
+
+
+torch.library.register_autograd(
+    "flexnsa::selected_attention_gated", _backward_gated, setup_context=_setup_context_gated
+)

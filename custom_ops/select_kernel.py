@@ -461,14 +461,21 @@ def _select_topn_kernel_v2(
 # 10.41 ms, i.e. the top-n to ~1.05 ms.
 _INT32_MIN = tl.constexpr(-(2**31))
 _INT32_MAX = tl.constexpr(2**31 - 1)
+_INF_BITS = tl.constexpr(0x7F800000)  # the pattern of +inf (positive floats keep their bits)
 
 
 @triton.jit
-def _ordered_keys(key_rows, rows_ok, own, j):
+def _ordered_keys(key_rows, rows_ok, own, j, PADDED: tl.constexpr = False):
     """``[ROWS, W]`` int32 patterns of the keys of blocks ``j`` (ordered like the floats, ``+0 == -0``);
-    ``INT32_MIN`` for ``-inf``, NaN and blocks after the row's own block (never read)."""
+    ``INT32_MIN`` for ``-inf``, NaN and blocks after the row's own block (never read: ``PADDED``
+    rows, at least ``W`` wide in memory, are loaded whole, a mask per row only, so that the loads
+    are vectorised, and those blocks are dropped after the load)."""
     ok = rows_ok[:, None] & (j[None, :] <= own[:, None])
-    key = tl.load(key_rows[:, None] + j[None, :], mask=ok, other=float("-inf"))
+    if PADDED:
+        key = tl.load(key_rows[:, None] + j[None, :], mask=rows_ok[:, None], other=float("-inf"))
+        key = tl.where(ok, key, float("-inf"))
+    else:
+        key = tl.load(key_rows[:, None] + j[None, :], mask=ok, other=float("-inf"))
     bits = key.to(tl.int32, bitcast=True)
     bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse their order
     bits = tl.where(key == 0.0, 0, bits)
@@ -512,17 +519,52 @@ def _emit(v, j, lo, hi, quota, ties_before, n_out, out_rows, rows_ok):
 
 
 @triton.jit
-def _topn_rows_resident(key_rows, out_rows, rows_ok, own, N: tl.constexpr, W: tl.constexpr):
+def _bracket(v, lo, hi, c_hi, done, N: tl.constexpr, W: tl.constexpr):
+    """A narrower start for the search of rows ``v [ROWS, W]`` (int32 patterns): with ``n_inf`` keys at
+    +inf (the forced blocks) and ``K = N - n_inf``, the ``K``-th largest of ``GROUPS`` disjoint group
+    maxima of the finite keys (group ``i``: blocks ``j = i mod GROUPS``) has at least ``K`` finite
+    keys above or equal to it, so ``count(v >= lo0) >= N``; ``hi0 = max finite + 1`` has
+    ``count = n_inf <= N``. Rows where ``K < 1`` or fewer than ``K`` groups hold a finite key keep
+    the full range. Returns the updated ``(lo, hi, c_hi, done)`` (done when ``count(v >= lo0) == N``)."""
+    GROUPS: tl.constexpr = 32 if W >= 32 else W
+    finite = tl.where(v < _INF_BITS, v, _INT32_MIN)  # [ROWS, W]
+    n_inf = tl.sum((v >= _INF_BITS).to(tl.int32), axis=1)  # [ROWS]
+    m = tl.max(tl.reshape(finite, (v.shape[0], W // GROUPS, GROUPS)), axis=1)  # [ROWS, GROUPS]
+    at_least = tl.sum((m[:, None, :] >= m[:, :, None]).to(tl.int32), axis=2)  # [ROWS, GROUPS]: #{i: m_i >= m_j}
+    k = N - n_inf
+    lo0 = tl.max(tl.where(at_least >= k[:, None], m, _INT32_MIN), axis=1)  # [ROWS]
+    use = ~done & (k >= 1) & (lo0 > _INT32_MIN)
+    lo0 = tl.where(use, lo0, lo)
+    c_lo = tl.sum((v >= lo0[:, None]).to(tl.int32), axis=1)  # [ROWS]
+    exact = use & (c_lo == N)
+    lo = lo0
+    hi = tl.where(exact, lo0, tl.where(use, tl.max(finite, axis=1) + 1, hi))
+    c_hi = tl.where(exact, N, tl.where(use, n_inf, c_hi))
+    return lo, hi, c_hi, done | exact
+
+
+@triton.jit
+def _topn_rows_resident(key_rows, out_rows, rows_ok, own, N: tl.constexpr, W: tl.constexpr, BRACKET: tl.constexpr,
+                        PADDED: tl.constexpr):
     """Top-n of rows whose eligible blocks all lie in ``[0, W)``: the keys stay in registers."""
     j = tl.arange(0, W)
-    v = _ordered_keys(key_rows, rows_ok, own, j)  # [ROWS, W]
+    v = _ordered_keys(key_rows, rows_ok, own, j, PADDED)  # [ROWS, W]
     lo, hi, c_hi, done = _search_start(tl.sum((v > _INT32_MIN).to(tl.int32), axis=1), N)
+    if BRACKET:
+        lo, hi, c_hi, done = _bracket(v, lo, hi, c_hi, done, N, W)
     while tl.max((~done).to(tl.int32), axis=0) > 0:
         mid = _midpoint(lo, hi)
         c = tl.sum((v >= mid[:, None]).to(tl.int32), axis=1)
         lo, hi, c_hi, done = _search_step(c, mid, lo, hi, c_hi, done, N)
-    zero = tl.zeros_like(c_hi)
-    _, n_out = _emit(v, j, lo, hi, N - c_hi, zero, zero, out_rows, rows_ok)
+    quota = N - c_hi  # [ROWS] blocks still to take among the ties at lo
+    if tl.max(quota, axis=0) > 0:
+        zero = tl.zeros_like(c_hi)
+        _, n_out = _emit(v, j, lo, hi, quota, zero, zero, out_rows, rows_ok)
+    else:  # the usual case: exactly N keys >= hi, no tie to rank
+        take = v >= hi[:, None]  # [ROWS, W]
+        pos = tl.cumsum(take.to(tl.int32), axis=1) - 1
+        tl.store(out_rows[:, None] + pos, tl.zeros_like(pos) + j[None, :], mask=take & rows_ok[:, None])
+        n_out = tl.sum(take.to(tl.int32), axis=1)
     return n_out
 
 
@@ -576,6 +618,8 @@ def _topn_kernel(
     W2: tl.constexpr,  # program's last own block; STREAM: column tiles of WIDTH
     WIDTH: tl.constexpr,
     STREAM: tl.constexpr,
+    BRACKET: tl.constexpr,  # resident rows: start the search from group maxima (_bracket)
+    PADDED: tl.constexpr,  # every row at least WIDTH wide in memory (whole-row vector loads)
 ):
     """Per row (b, g, t) the n best keys (ties to the lower block) as block indices, unordered, -1 unused."""
     pid_bg = tl.program_id(1)
@@ -591,11 +635,11 @@ def _topn_kernel(
     if STREAM:
         n_out = _topn_rows_streamed(key_rows, out_rows, rows_ok, own, ncols, N, WIDTH)
     elif ncols <= W1:
-        n_out = _topn_rows_resident(key_rows, out_rows, rows_ok, own, N, W1)
+        n_out = _topn_rows_resident(key_rows, out_rows, rows_ok, own, N, W1, BRACKET, PADDED)
     elif ncols <= W2:
-        n_out = _topn_rows_resident(key_rows, out_rows, rows_ok, own, N, W2)
+        n_out = _topn_rows_resident(key_rows, out_rows, rows_ok, own, N, W2, BRACKET, PADDED)
     else:
-        n_out = _topn_rows_resident(key_rows, out_rows, rows_ok, own, N, WIDTH)
+        n_out = _topn_rows_resident(key_rows, out_rows, rows_ok, own, N, WIDTH, BRACKET, PADDED)
     slot = tl.arange(0, N_PAD)
     unused = rows_ok[:, None] & (slot[None, :] >= n_out[:, None]) & (slot[None, :] < N)
     tl.store(out_rows[:, None] + slot[None, :], tl.full((ROWS, N_PAD), -1, tl.int32), mask=unused)
@@ -652,16 +696,25 @@ def _head_dim_split(Dk: int) -> tuple[int, int]:
     return d_a, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: int, split: bool) -> dict:
+# split path, G = 16: from this many queries on, the scores kernel takes 16 queries x 16 heads on 8
+# warps (the whole select at 64k, H200, paper shape, three sweeps: 8.45 against 8.55-8.60 ms; at 32k
+# 2.195 against 2.217; at 8k the smaller tiles measured 0.202 against 0.305 ms once and equal once)
+LONG_SEQ_SCORES_TILE = 32768
+
+
+def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block: int, split: bool, T: int = 0) -> dict:
     """Tile sizes of the v2 select kernel (``TUNING["select_v2"]`` overrides BLOCK_T, BLOCK_C,
     num_warps, num_stages, TRANS, PREFETCH, BANDED, SKIP_MERGE, maxnreg); ``split``: the split path's
-    scores kernel."""
+    scores kernel; ``T``: the sequence length (long ones get taller tiles, see
+    :data:`LONG_SEQ_SCORES_TILE`)."""
     tuning = tuned("select_v2")
     g_pad = triton.next_power_of_2(G)
     d_a, d_b = _head_dim_split(Dk)
     # 128 rows (queries x heads) on 4 warps: 2-3 CTAs per SM. 256 rows on 8 warps needed 142 registers
-    # (triton 3.6), one CTA per SM, and ran 1.36x slower at 64k on the H200 (perf/NOTES.md, sweep)
-    block_t = tuning.get("BLOCK_T", max(8, 128 // g_pad))
+    # (triton 3.6), one CTA per SM, and ran 1.36x slower at 64k on the H200 (perf/NOTES.md, sweep);
+    # with the split path's band sums 256 rows on 8 warps became the faster tile at long sequences
+    long_tile = split and g_pad == 16 and T >= LONG_SEQ_SCORES_TILE
+    block_t = tuning.get("BLOCK_T", 16 if long_tile else max(8, 128 // g_pad))
     head_step = g_pad
     while head_step > 1 and block_t * head_step * (d_a + d_b) > 256 * 256:  # q tile <= 128 KiB in bf16
         head_step //= 2
@@ -712,7 +765,8 @@ def _split_chunk(B: int, HKV: int, T: int, NB: int, block_t: int) -> int:
 
 
 def _topn_plan(NB: int, num_selected: int) -> dict:
-    """Launch plan of :func:`_topn_kernel` (``TUNING["select_topn"]`` overrides ROWS, num_warps)."""
+    """Launch plan of :func:`_topn_kernel` (``TUNING["select_topn"]`` overrides ROWS, num_warps,
+    BRACKET, PADDED)."""
     tuning = tuned("select_topn")
     stream = NB > TOPN_RESIDENT_BLOCKS
     width = triton.next_power_of_2(TOPN_RESIDENT_BLOCKS) if stream else max(16, triton.next_power_of_2(NB))
@@ -730,6 +784,8 @@ def _topn_plan(NB: int, num_selected: int) -> dict:
         W2=max(16, width // 2),
         WIDTH=width,
         STREAM=stream,
+        BRACKET=bool(tuning.get("BRACKET", True)),
+        PADDED=bool(tuning.get("PADDED", True)),
         num_warps=tuning.get("num_warps", max(1, width // 1024)),
     )
 
@@ -773,7 +829,7 @@ def select_topn_launch(
         kernel, plan = _select_topn_kernel, _kernel_plan(G, Dk, cmp_block, cmp_stride, slc_block)
         scale_arg = scale
     else:
-        kernel, plan = _select_topn_kernel_v2, _kernel_plan_v2(G, Dk, cmp_block, cmp_stride, slc_block, impl == "split")
+        kernel, plan = _select_topn_kernel_v2, _kernel_plan_v2(G, Dk, cmp_block, cmp_stride, slc_block, impl == "split", T)
         scale_arg = scale * LOG2E
     if Tc == 0:  # no compressed token yet (T < l): a 1-token stand-in keeps the pointer valid, all masked
         k_cmp = k_cmp.new_zeros(B, HKV, 1, Dk)
@@ -811,8 +867,10 @@ def _split_launch(launch, args: list, meta: dict, indices: torch.Tensor, slc_blo
     B, HKV, T = indices.shape[:3]
     NB = triton.cdiv(T, slc_block)
     block_t = meta["BLOCK_T"]
-    tq = _split_chunk(B, HKV, T, NB, block_t)
-    keys = torch.empty(B, HKV, tq, NB, dtype=torch.float32, device=indices.device)
+    plan = _topn_plan(NB, indices.shape[3])
+    width = NB if plan["STREAM"] else max(NB, plan["WIDTH"])  # rows padded to the top-n's register width
+    tq = _split_chunk(B, HKV, T, width, block_t)
+    keys = torch.empty(B, HKV, tq, width, dtype=torch.float32, device=indices.device)  # [B, HKV, TQ, width]
     args = list(args)
     args[3] = None  # the scores kernel writes no indices
     meta = dict(meta, SKIP_MERGE=False, STORE_KEYS=True)
@@ -825,10 +883,13 @@ def _split_launch(launch, args: list, meta: dict, indices: torch.Tensor, slc_blo
 
 def topn_launch(launch, keys: torch.Tensor, indices: torch.Tensor, t_start: int, slc_block: int) -> None:
     """:func:`_topn_kernel` on the keys ``[B, HKV, TQ, NB]`` float32 of queries ``t_start ..
-    t_start + TQ - 1`` (row ``t`` reads blocks ``j <= t // slc_block``), into their rows of ``indices``."""
+    t_start + TQ - 1`` (row ``t`` reads blocks ``j <= t // slc_block``), into their rows of ``indices``.
+    Rows at least as wide as the kernel's register width (``_split_launch`` pads them) are loaded
+    whole (vector loads)."""
     B, HKV, tq, NB = keys.shape
     T, n = indices.shape[2], indices.shape[3]
     plan = _topn_plan(NB, n)
+    plan["PADDED"] = plan["PADDED"] and not plan["STREAM"] and NB >= plan["WIDTH"] and keys.stride(3) == 1
     launch(_topn_kernel)[(triton.cdiv(min(tq, T - t_start), plan["ROWS"]), B * HKV)](
         keys,
         indices,

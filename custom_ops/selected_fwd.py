@@ -62,6 +62,31 @@ def _softmax_result(m_i, l_i, acc):
 
 
 @triton.jit
+def _store_result(o_ptr, lse_ptr, out, lse, o_row, lse_off, row_ok, dv, gates_ptr, o_cmp_ptr, o_win_ptr, y_ptr,
+                  DV: tl.constexpr, COMBINE: tl.constexpr):  # fmt: skip
+    """Stores ``out [ROWS, DV_PAD]`` at ``o_ptr + o_row`` (``o_row [ROWS]``: int64 offsets of the rows'
+    first element) and ``lse`` at ``lse_ptr + lse_off``. ``COMBINE``: also the gated output
+    ``y = g_cmp * o_cmp + g_slc * o + g_win * o_win`` (float32, ``o`` as stored: rounded to the output
+    dtype, as :func:`flexnsa.custom_ops.gated_combine` would read it) into ``y_ptr``; ``o_cmp``,
+    ``o_win`` and ``y`` are laid out like ``o`` (contiguous ``[B, HQ, T, DV]``), ``gates`` is
+    ``[B, HQ, T, 3]`` contiguous."""
+    offs = o_row[:, None] + dv[None, :]  # [ROWS, DV_PAD]
+    mask = row_ok[:, None] & (dv[None, :] < DV)
+    o_low = out.to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + offs, o_low, mask=mask)
+    tl.store(lse_ptr + lse_off, lse, mask=row_ok)
+    if COMBINE:
+        gate_row = (o_row // DV) * 3  # [ROWS]: the row's (b, h, t) in [B, HQ, T, 3]
+        g_cmp = tl.load(gates_ptr + gate_row, mask=row_ok, other=0.0).to(tl.float32)
+        g_slc = tl.load(gates_ptr + gate_row + 1, mask=row_ok, other=0.0).to(tl.float32)
+        g_win = tl.load(gates_ptr + gate_row + 2, mask=row_ok, other=0.0).to(tl.float32)
+        y = g_cmp[:, None] * tl.load(o_cmp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y += g_slc[:, None] * o_low.to(tl.float32)
+        y += g_win[:, None] * tl.load(o_win_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _selected_fwd_kernel(
     q_ptr,  # [B, HQ, T, DK]
     k_ptr,  # [B, HKV, T, DK]
@@ -70,6 +95,10 @@ def _selected_fwd_kernel(
     o_ptr,  # [B, HQ, T, DV] (output)
     lse_ptr,  # [B, HQ, T] float32 (output)
     done_ptr,  # TILE > 0: int8 [B * HKV, cdiv(T, TILE)], tiles the union kernel already did
+    gates_ptr,  # COMBINE: [B, HQ, T, 3]
+    o_cmp_ptr,  # COMBINE: [B, HQ, T, DV], like o
+    o_win_ptr,  # COMBINE: [B, HQ, T, DV], like o
+    y_ptr,  # COMBINE: [B, HQ, T, DV] (output): the gated sum of the three branches
     T,
     HKV,
     # scale * log2(e); constexpr because inductor passes python floats as fp64 scalars (seen on the
@@ -104,6 +133,7 @@ def _selected_fwd_kernel(
     IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
     UPCAST: tl.constexpr,
     TILE: tl.constexpr,  # 0, or the union kernel's queries per tile (skip the tiles it did)
+    COMBINE: tl.constexpr,  # also write the gated output y (_store_result)
 ):
     t = tl.program_id(0).to(tl.int64)
     pid_bg = tl.program_id(1)
@@ -141,12 +171,9 @@ def _selected_fwd_kernel(
         m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, logits, vb, IEEE, UPCAST)
 
     out, lse = _softmax_result(m_i, l_i, acc)
-    tl.store(
-        o_ptr + b * stride_ob + head[:, None] * stride_oh + t * stride_ot + dv[None, :],
-        out.to(o_ptr.dtype.element_ty),
-        mask=head_ok[:, None] & (dv[None, :] < DV),
-    )
-    tl.store(lse_ptr + b * stride_lb + head * stride_lh + t, lse, mask=head_ok)
+    o_row = b * stride_ob + head.to(tl.int64) * stride_oh + t * stride_ot  # [G_PAD]
+    _store_result(o_ptr, lse_ptr, out, lse, o_row, b * stride_lb + head * stride_lh + t, head_ok, dv,
+                  gates_ptr, o_cmp_ptr, o_win_ptr, y_ptr, DV, COMBINE)  # fmt: skip
 
 
 @triton.jit
@@ -158,6 +185,10 @@ def _selected_fwd_union_kernel(
     o_ptr,  # [B, HQ, T, DV] (output)
     lse_ptr,  # [B, HQ, T] float32 (output)
     done_ptr,  # int8 [B * HKV, cdiv(T, QT)] (output): 1 where this kernel did the tile
+    gates_ptr,  # COMBINE: [B, HQ, T, 3]
+    o_cmp_ptr,  # COMBINE: [B, HQ, T, DV], like o
+    o_win_ptr,  # COMBINE: [B, HQ, T, DV], like o
+    y_ptr,  # COMBINE: [B, HQ, T, DV] (output): the gated sum of the three branches
     T,
     HKV,
     scale_log2: tl.constexpr,  # constexpr: see _selected_fwd_kernel
@@ -192,6 +223,7 @@ def _selected_fwd_union_kernel(
     MAX_UNION: tl.constexpr,  # tiles with more distinct blocks are left to the one-query kernel
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    COMBINE: tl.constexpr,
 ):
     """Same results as :func:`_selected_fwd_kernel`, one program per tile of QT consecutive queries:
     the ``QT * G_PAD`` rows (query-major) attend the union of the tile's selected blocks, each block
@@ -240,16 +272,16 @@ def _selected_fwd_union_kernel(
         m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, logits, vb, IEEE, UPCAST)
 
     out, lse = _softmax_result(m_i, l_i, acc)
-    tl.store(
-        o_ptr + b * stride_ob + head[:, None] * stride_oh + row_t[:, None] * stride_ot + dv[None, :],
-        out.to(o_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & (dv[None, :] < DV),
-    )
-    tl.store(lse_ptr + b * stride_lb + head * stride_lh + row_t, lse, mask=row_ok)
+    o_row = b * stride_ob + head.to(tl.int64) * stride_oh + row_t * stride_ot  # [ROWS]
+    _store_result(o_ptr, lse_ptr, out, lse, o_row, b * stride_lb + head * stride_lh + row_t, row_ok, dv,
+                  gates_ptr, o_cmp_ptr, o_win_ptr, y_ptr, DV, COMBINE)  # fmt: skip
 
 
-def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
-    """Runs the forward kernels on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``.
+def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float, combine=None):
+    """Runs the forward kernels on contiguous inputs; returns ``(o [B, HQ, T, Dv], lse [B, HQ, T] f32)``,
+    or with ``combine = (o_cmp, o_win, gates)`` (contiguous, ``[B, HQ, T, Dv]`` twice in q's dtype and
+    ``[B, HQ, T, 3]``) ``(y, o, lse)``, ``y`` the gated sum of the three branches written by the same
+    kernels (:func:`_store_result`).
 
     ``TUNING["selected_fwd"]``: the query-tile keys of :func:`~.query_tiles.tile_plan` (``QT`` > 1
     first runs :func:`_selected_fwd_union_kernel` on the tiles whose selections share enough blocks,
@@ -267,20 +299,26 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float):
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
     args = (q, k, v, indices, out, lse)
     strides = selection_strides(q, k, v, indices, out, lse)
+    if combine is not None:
+        o_cmp, o_win, gates = combine
+        y = torch.empty_like(out)  # [B, HQ, T, Dv]
+        extra = (gates, o_cmp, o_win, y)
+    else:
+        extra = (lse, lse, lse, lse)  # placeholder pointers, never read
     shared = dict(G=G, G_PAD=g_pad, DK=Dk, DK_PAD=dk_pad, DV=Dv, DV_PAD=dv_pad, BS=slc_block,
                   BS_PAD=dims_pad(slc_block), N=n, IEEE=q.dtype == torch.float32, UPCAST=upcast_dots(q))  # fmt: skip
     qt, done = tiles["qt"], (lse if tiles["done"] is None else tiles["done"])  # lse: a placeholder pointer
     if qt > 1:
         launch(_selected_fwd_union_kernel)[(triton.cdiv(T, qt), B * HKV)](
-            *args, done, T, HKV, scale * LOG2E, *strides,
-            N_PAD=triton.next_power_of_2(n), QT=qt, MAX_UNION=tiles["max_union"],
+            *args, done, *extra, T, HKV, scale * LOG2E, *strides,
+            N_PAD=triton.next_power_of_2(n), QT=qt, MAX_UNION=tiles["max_union"], COMBINE=combine is not None,
             num_warps=tiles["union_warps"], num_stages=2, **dict(shared, G_PAD=tiles["rows"]),
         )  # fmt: skip
     if tiles["one_query"]:
         # 16 x 128 tiles: 2 warps (H200, 64k paper shape, same process: 15.5 ms against 18.5 ms with 4)
         warps = 2 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8
         launch(_selected_fwd_kernel)[(T, B * HKV)](
-            *args, done, T, HKV, scale * LOG2E, *strides,
-            TILE=qt if qt > 1 else 0, **shared, **{"num_warps": warps, "num_stages": 2, **options},
+            *args, done, *extra, T, HKV, scale * LOG2E, *strides,
+            TILE=qt if qt > 1 else 0, COMBINE=combine is not None, **shared, **{"num_warps": warps, "num_stages": 2, **options},
         )  # fmt: skip
-    return out, lse
+    return (out, lse) if combine is None else (y, out, lse)

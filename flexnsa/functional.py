@@ -57,9 +57,10 @@ def _nsa_flex(q, k, v, k_cmp, v_cmp, gates, config, k_win, v_win, scale, block_i
     o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, config, scale, return_lse=True)  # [B, HQ, T, Dv], [B, HQ, T]
     if block_indices is None:
         block_indices = custom_ops.select_blocks(q, k_cmp, lse_cmp.detach(), config, scale)  # [B, HKV, T, n]
-    o_slc, _ = custom_ops.selected_attention(q, k, v, block_indices, config, scale)  # [B, HQ, T, Dv]
     o_win = sliding_window_attention(q, k if k_win is None else k_win, v if v_win is None else v_win, config.window, scale)
-    return custom_ops.gated_combine(o_cmp, o_slc, o_win, gates)  # [B, HQ, T, Dv], one fused pass
+    # the selected branch last: its kernels also write the gated sum of the three branches
+    out, _, _ = custom_ops.selected_attention_gated(q, k, v, block_indices, o_cmp, o_win, gates, config, scale)
+    return out  # [B, HQ, T, Dv]
 
 
 def nsa_attention(

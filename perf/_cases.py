@@ -9,7 +9,8 @@ unsupported shape); the caller records "n/a (reason)" and goes on.
 Timed pieces (PERF.md):
 - ``nsa``: ``flexnsa.nsa_attention`` with given ``k_cmp``/``v_cmp``/gates, selection included.
 - stages: ``compressed`` (forward returns the log-sum-exp too), ``scores+top-n`` (forward only:
-  discrete), ``selected``, ``window``, ``combine``.
+  discrete), ``window``, ``selected+combine`` (the selected branch with NSA's gated sum in its
+  kernels' epilogue, as ``nsa_attention`` runs it).
 - ``module``: ``flexnsa.NativeSparseAttention`` forward+backward, projections included.
 - baselines: full causal attention (SDPA cuDNN, SDPA flash, FlexAttention causal), FlexAttention
   with a 512-token causal sliding window (the floor of NSA's window branch), fla-core's
@@ -213,17 +214,30 @@ def _stage_topn(inp: Inputs) -> Case:
     return Case("scores+top-n", fwd, None, (), no_bwd="discrete, no gradient")
 
 
-def _stage_selected(inp: Inputs) -> Case:
+def _branch_outputs(inp: Inputs, count: int, seed: int) -> list[torch.Tensor]:
+    """``count`` random ``[B, HQ, T, Dv]`` branch outputs requiring grad (stand-ins for o_cmp, o_win...)."""
+    gen = torch.Generator(device=inp.device).manual_seed(seed)
+    like = inp.grad_out
+    return [
+        torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype).requires_grad_()
+        for _ in range(count)
+    ]
+
+
+def _stage_selected_combine(inp: Inputs) -> Case:
+    """The selected branch as ``nsa_attention`` runs it: ``selected_attention_gated``, whose kernels
+    also write the gated sum of the three branches (o_cmp and o_win random stand-ins here)."""
     from flexnsa import custom_ops
 
-    attend = _require(custom_ops, "selected_attention", "flexnsa.custom_ops")
+    attend = _require(custom_ops, "selected_attention_gated", "flexnsa.custom_ops")
     indices, note = _indices(inp)
+    o_cmp, o_win = _branch_outputs(inp, 2, seed=2)  # 2 x [B, HQ, T, Dv]
 
     def fwd():
-        return attend(inp.q, inp.k, inp.v, indices, inp.config)
+        return attend(inp.q, inp.k, inp.v, indices, o_cmp, o_win, inp.gates, inp.config)
 
-    leaves = (inp.q, inp.k, inp.v)
-    return Case("selected", fwd, _with_backward(fwd, inp.grad_out), leaves, note=note)
+    leaves = (inp.q, inp.k, inp.v, o_cmp, o_win, inp.gates)
+    return Case("selected+combine", fwd, _with_backward(fwd, inp.grad_out), leaves, note=note)
 
 
 def _stage_window(inp: Inputs) -> Case:
@@ -236,30 +250,11 @@ def _stage_window(inp: Inputs) -> Case:
     return Case("window", fwd, _with_backward(fwd, inp.grad_out), leaves)
 
 
-def _stage_combine(inp: Inputs) -> Case:
-    gen = torch.Generator(device=inp.device).manual_seed(2)
-    like = inp.grad_out
-    branch_outs = [
-        torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype).requires_grad_()
-        for _ in range(3)
-    ]  # o_cmp, o_slc, o_win: 3 x [B, HQ, T, Dv]
-
-    combine = flexnsa.custom_ops.gated_combine  # what nsa_attention's flex backend calls
-
-    def fwd():
-        return combine(*branch_outs, inp.gates)
-
-    leaves = (*branch_outs, inp.gates)
-    note = "flexnsa.custom_ops.gated_combine"
-    return Case("combine", fwd, _with_backward(fwd, inp.grad_out), leaves, note=note)
-
-
 STAGES: dict[str, Callable[[Inputs], Case]] = {
     "compressed": _stage_compressed,
     "scores+top-n": _stage_topn,
-    "selected": _stage_selected,
     "window": _stage_window,
-    "combine": _stage_combine,
+    "selected+combine": _stage_selected_combine,
 }
 
 

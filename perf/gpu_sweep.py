@@ -38,13 +38,15 @@ VARIANTS = {
     # SKIP_MERGE: timing diagnostic (no top-n merge, wrong indices): splits the time between scores and merge
     "select_v2": [{}, {"SKIP_MERGE": True}, {"maxnreg": 128}, {"BLOCK_C": 128, "num_warps": 8}, {"TRANS": True}],
     # FLEXNSA_SELECT_IMPL=split: scores stored per query chunk, then a bisection top-n kernel
-    "select_split": [{}, {"ROWS": 8}, {"ROWS": 2}, {"num_warps": 1}, {"num_warps": 2}, {"ROWS": 1, "num_warps": 1},
-                     {"ROWS": 4, "num_warps": 2}],
+    # (session 7: ROWS 2/4/8 and 2 warps slower than 1 row on 1 warp, sweep-6.md); BRACKET: the search
+    # starts from group maxima
+    "select_split": [{}, {"BRACKET": False}, {"PADDED": False}, {"BRACKET": False, "PADDED": False}],
     # the split path's scores kernel tiles (TUNING["select_v2"]), top-n at its default
     # (session 6: BLOCK_T 4, 8 warps, 3 stages, the query tile in registers and PREFETCH were slower
     # than the defaults; perf/results/h200/sweep-5.md)
-    "select_split_scores": [{}, {"BANDED": False}, {"BLOCK_C": 128, "num_warps": 8}, {"BLOCK_T": 16, "num_warps": 8},
-                            {"num_stages": 1}],
+    # (session 7: BANDED off 9.35 against 8.60 ms at 64k, 128-token chunks on 8 warps 11.87, 1 stage 9.54;
+    # sweep-6.md)
+    "select_split_scores": [{}, {"BLOCK_T": 16, "num_warps": 8}],
     # QT: tiles of QT queries whose union of selected blocks has <= MAX_UNION blocks (default 9/16 of
     # QT * n, or every tile for G <= 4: query_tiles.union_threshold) run the union kernel, the others
     # the one-query kernel

@@ -2,7 +2,7 @@
 """One command, one GPU report: ``python perf/report.py``.
 
 Times ``flexnsa.nsa_attention`` forward and forward+backward at the shapes of ``shared/PERF.md``,
-each of its stages (compressed, scores+top-n, selected, window, combine), the
+each of its stages (compressed, scores+top-n, window, selected+combine), the
 ``NativeSparseAttention`` module, and in the same process, on the same inputs, the baselines: full
 causal attention through SDPA (cuDNN, flash) and FlexAttention, FlexAttention with a 512-token
 window, and fla-core's ``parallel_nsa`` when importable. Every time is the median of
@@ -290,9 +290,10 @@ def notes(config, shapes, device) -> list[str]:
         "None between runs; forwards run with autograd recording (training forward).",
         "fwd+bwd = forward + backward to every input (q, k, v, k_cmp, v_cmp, gates for NSA; "
         "q, k, v for the baselines; x and the parameters for the module).",
-        "Stage `combine` times `flexnsa.custom_ops.gated_combine`; stage `scores+top-n` has no "
-        "backward (discrete) and counts with its forward in the fwd+bwd sum; stage `selected` uses "
-        "the fast top-n's indices (synthetic ones, marked, when it is missing).",
+        "Stage `selected+combine` times `flexnsa.custom_ops.selected_attention_gated` (the selected "
+        "branch; its kernels also write the gated sum of the three branches, as in `nsa_attention`), "
+        "on the fast top-n's indices (synthetic ones, marked, when it is missing); stage "
+        "`scores+top-n` has no backward (discrete) and counts with its forward in the fwd+bwd sum.",
         "Baselines: SDPA full causal attention with GQA (`enable_gqa=True`, else K/V expanded, "
         "marked); FlexAttention compiled (`torch.compile(flex_attention, dynamic=False)`) with a "
         f"causal BlockMask (with `--flex-window` also a causal {c.window}-token window: the floor "

@@ -218,12 +218,17 @@ def test_lse_is_not_differentiable():
     assert o.requires_grad and not lse.requires_grad
 
 
+def small_problem():
+    """``cfg, q, k, v, k_cmp, lse, idx`` of one small float32 problem (opcheck, compile)."""
+    cfg = flexnsa.NSAConfig(8, 4, 8, 3, 1, 1)
+    q, k, v, k_cmp, lse = make_problem(cfg, 1, 2, 2, 29, 8, 6, torch.float32, seed=1)
+    return cfg, q, k, v, k_cmp, lse, custom_ops.select_blocks(q, k_cmp, lse, cfg)
+
+
 @cpu_path_only
 @pytest.mark.slow
 def test_opcheck():
-    cfg = flexnsa.NSAConfig(8, 4, 8, 3, 1, 1)
-    q, k, v, k_cmp, lse = make_problem(cfg, 1, 2, 2, 29, 8, 6, torch.float32, seed=1)
-    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    cfg, q, k, v, k_cmp, lse, idx = small_problem()
     torch.library.opcheck(torch.ops.flexnsa.select_blocks.default, (q, k_cmp, lse, 8, 4, 8, 3, 1, 1, 0.35))
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     torch.library.opcheck(torch.ops.flexnsa.selected_attention.default, (q, k, v, idx, 8, 0.35))
@@ -323,6 +328,14 @@ def _valid_args():
         (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention(q, k, v, i[..., :1], c), "indices"),
         (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention(q, k, v, i + 3, c), "indices"),
         (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention(q.int(), k, v, i, c), "q"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention_gated(
+            q, k, v, i, q[..., :4], q[..., 1:], q[..., :3], c), "o_win"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention_gated(
+            q, k, v, i, q[..., :4].double(), q[..., :4], q[..., :3], c), "o_cmp"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention_gated(
+            q, k, v, i, q[..., :4], q[..., :4], q[..., :2], c), "gates"),
+        (lambda c, q, k, v, kc, lse, i: custom_ops.selected_attention_gated(
+            q, k, v, i, q[..., :4], q[..., :4], q[..., :3].int(), c), "gates"),
     ],
 )
 def test_invalid_inputs_name_the_argument(case, name):
@@ -659,6 +672,82 @@ def test_tuning_options_reach_the_kernels(monkeypatch):
     assert "union_rows" not in launches["_selected_fwd_kernel"]
 
 
+def check_gated_against_combine(q, k, v, idx, cfg, seed=0, use_o=False):
+    """``selected_attention_gated`` against ``selected_attention`` then ``gated_combine``: the gated
+    sum, the selected output and its lse, and the gradients of q, k, v, o_cmp, o_win and gates
+    (the backward is the same two kernels, so they agree to rounding; the forward's sum is the same
+    float32 arithmetic on the stored selected output). ``use_o``: the loss also reads the selected
+    output (its gradient then reaches the op as well)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, HQ, T, _ = q.shape
+    Dv = v.shape[-1]
+    rnd = lambda *shape: torch.randn(*shape, generator=gen).to(q.device, q.dtype)  # noqa: E731
+    o_cmp, o_win, grad = rnd(B, HQ, T, Dv), rnd(B, HQ, T, Dv), rnd(B, HQ, T, Dv)
+    gates = torch.rand(B, HQ, T, 3, generator=gen).to(q.device)  # float32 gates with low-precision q
+    results = []
+    for fused in (True, False):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, o_cmp, o_win, gates)]
+        qq, kk, vv, oc, ow, gg = leaves
+        if fused:
+            y, o, lse = custom_ops.selected_attention_gated(qq, kk, vv, idx, oc, ow, gg, cfg)
+        else:
+            o, lse = custom_ops.selected_attention(qq, kk, vv, idx, cfg)
+            y = custom_ops.gated_combine(oc, o, ow, gg)
+        outputs, grads = ((y, o), (grad, grad.flip(2))) if use_o else ((y,), (grad,))
+        results.append((y, o, lse, *torch.autograd.grad(outputs, leaves, grads)))
+    tol = dict(rtol=1e-5, atol=1e-5) if q.dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)
+    names = ("y", "o", "lse", "dq", "dk", "dv", "d_cmp", "d_win", "d_gates")
+    for name, got, want in zip(names, *results):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@cpu_path_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gated_cpu_path_matches_selected_then_combine(dtype):
+    cfg = flexnsa.NSAConfig(8, 4, 8, 3, 1, 1)
+    q, k, v, k_cmp, lse = make_problem(cfg, 2, 2, 3, 37, 8, 6, dtype, seed=3)
+    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    check_gated_against_combine(q, k, v, idx, cfg)
+    check_gated_against_combine(q, k, v, idx, cfg, use_o=True)
+
+
+@cpu_path_only
+@pytest.mark.slow
+def test_gated_opcheck_and_compile():
+    cfg, q, k, v, _, _, idx = small_problem()
+    o_cmp, o_win = torch.randn(1, 4, 29, 6), torch.randn(1, 4, 29, 6)
+    gates = torch.rand(1, 4, 29, 3)
+    leaves = [x.requires_grad_() for x in (q, k, v, o_cmp, o_win, gates)]
+    q, k, v, o_cmp, o_win, gates = leaves
+    torch.library.opcheck(torch.ops.flexnsa.selected_attention_gated.default, (q, k, v, idx, o_cmp, o_win, gates, 8, 0.35))
+
+    def branch(*xs):
+        return custom_ops.selected_attention_gated(*xs[:3], idx, *xs[3:], cfg)[0]
+
+    compiled = torch.compile(branch, fullgraph=True)
+    got, want = compiled(*leaves), branch(*leaves)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), leaves), torch.autograd.grad(want.square().sum(), leaves)):
+        torch.testing.assert_close(a, b)
+
+
+@interp_only
+@pytest.mark.parametrize("G, dims, dtype, qt, max_union", [(16, (32, 32), torch.bfloat16, 4, 5), (3, (24, 40), torch.float32, 2, 64),
+                                                           (4, (16, 16), torch.float16, 1, 0)])  # fmt: skip
+def test_interp_gated_epilogue_matches_combine(G, dims, dtype, qt, max_union, monkeypatch):
+    """The gated sum in the selected kernels' epilogue (union tiles, one-query tiles and a mix of
+    both) against the separate combine pass, forward and every gradient."""
+    from flexnsa.custom_ops import kernel_utils
+
+    cfg = flexnsa.NSAConfig(8, 4, 8, 3, 1, 1)
+    q, k, v, k_cmp, lse = make_problem(cfg, 1, 2, G, 45, *dims, dtype, seed=G)
+    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt, "MAX_UNION": max_union})
+    check_gated_against_combine(q, k, v, idx, cfg, seed=G)
+    check_gated_against_combine(q, k, v, random_indices(1, 2, 45, 3, cfg.num_blocks(45), seed=G), cfg, seed=G + 1,
+                                use_o=True)
+
+
 # ---- CUDA --------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @needs_cuda
@@ -683,6 +772,22 @@ def test_gpu_kernels_match_reference(G, dims, dtype, atomic, monkeypatch):
         monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": qt, "MAX_UNION": max_union})
         check_attention(q, k, v, idx, cfg)
         check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=2, device="cuda"), cfg)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("G, dims, dtype", [(16, (128, 128), torch.bfloat16), (3, (32, 48), torch.float32)])
+def test_gpu_gated_epilogue_matches_combine(G, dims, dtype, monkeypatch):
+    """The gated sum written by the selected kernels (union and one-query tiles, and a mix) equals
+    the separate combine pass on CUDA, forward and every gradient."""
+    from flexnsa.custom_ops import kernel_utils
+
+    cfg = flexnsa.NSAConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=6)
+    q, k, v, k_cmp, lse = make_problem(cfg, 1, 2, G, 333, *dims, dtype, seed=G, device="cuda")
+    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
+    for qt, max_union in ((4, 64), (4, 14), (1, 0)):
+        monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt, "MAX_UNION": max_union})
+        check_gated_against_combine(q, k, v, idx, cfg)
 
 
 @pytest.mark.gpu

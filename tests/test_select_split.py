@@ -73,6 +73,13 @@ def test_split_impl_and_chunks(monkeypatch):
     assert (plan["ROWS"], plan["num_warps"]) == (1, 1)  # one row per warp, 32 keys per thread
     assert select_kernel._topn_plan(2048, 16)["num_warps"] == 2  # wider rows: one warp per 1024 blocks
     assert select_kernel._topn_plan(select_kernel.TOPN_RESIDENT_BLOCKS + 1, 16)["STREAM"]
+    assert plan["BRACKET"] and plan["PADDED"]
+    # the scores kernel's tiles: 16 queries x 16 heads on 8 warps for long sequences (G = 16, split)
+    tiles = lambda G, split, T: (lambda p: (p["BLOCK_T"], p["HEAD_STEP"], p["num_warps"]))(  # noqa: E731
+        select_kernel._kernel_plan_v2(G, 128, 32, 16, 64, split, T))
+    long_t = select_kernel.LONG_SEQ_SCORES_TILE
+    assert tiles(16, True, long_t) == (16, 16, 8) and tiles(16, True, long_t - 1) == (8, 16, 4)
+    assert tiles(16, False, long_t) == (8, 16, 4) and tiles(4, True, long_t) == (32, 4, 4)
 
 
 # ---- kernels under the interpreter (subprocess) -------------------------------------------------
@@ -198,6 +205,35 @@ def test_interp_topn_kernel_orders_like_floats(resident, monkeypatch):
         got = idx[:, :, t_start : t_start + rows]
         assert torch.equal(as_sets(got), reference_topn(keys, T, t_start, slc_block, n)), mode
         assert (idx[:, :, :t_start] == -7).all() and (idx[:, :, t_start + rows :] == -7).all()
+
+
+@interp_only
+@pytest.mark.parametrize("bracket, padded", [(True, True), (True, False), (False, False)])
+def test_interp_topn_kernel_wide_rows(bracket, padded, monkeypatch):
+    """Rows of up to 300 blocks (register widths 128 to 512: 32 groups of several keys each, so the
+    search's start from group maxima narrows and the bisection still runs): keys rounded to few
+    distinct values in half of the chunks (ties at the threshold), three +inf blocks per row like the
+    forced ones, some rows with more +inf than n, rows with fewer eligible blocks than n; ``padded``:
+    rows stored 512 wide with garbage after the last block (whole-row loads)."""
+    monkeypatch.setitem(kernel_utils.TUNING, "select_topn", {"BRACKET": bracket})
+    gen = torch.Generator().manual_seed(1)
+    B, HKV, slc_block, n = 1, 2, 1, 16
+    T = 300
+    for t_start, TQ in ((0, 20), (100, 60), (260, 40)):
+        keys = torch.rand(B, HKV, TQ, 512 if padded else T, generator=gen)  # [B, HKV, TQ, NB or 512]
+        if t_start != 100:
+            keys = (keys * 64).round() / 64
+        for r in range(TQ):
+            own = (t_start + r) // slc_block
+            keys[:, :, r, [0, max(own - 1, 0), own]] = math.inf
+            if r % 7 == 3:  # more +inf than n: the n lowest of them
+                keys[:, 0, r, : own + 1 : 2] = math.inf
+            keys[:, :, r, own + 1 : T] = math.nan  # never read
+        keys[..., T:] = torch.tensor([math.nan, math.inf, 5.0])[torch.arange(keys.shape[-1] - T) % 3]  # padding
+        idx = torch.full((B, HKV, T, n), -7, dtype=torch.int32)
+        select_kernel.topn_launch(lambda kernel: kernel, keys, idx, t_start, slc_block)
+        got = idx[:, :, t_start : t_start + TQ]
+        assert torch.equal(as_sets(got), reference_topn(keys[..., :T], T, t_start, slc_block, n)), t_start
 
 
 # ---- CUDA --------------------------------------------------------------------------------------
