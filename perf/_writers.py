@@ -100,7 +100,8 @@ class _Footnotes:
 
 
 def _ms(ms: float) -> str:
-    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+    # 4 significant digits below 100 ms: a target such as "<= 40 ms" must be readable from the table
+    return f"{ms:.4g}" if ms < 100 else f"{ms:.0f}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import pathlib
 import platform
@@ -76,7 +77,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "'n/a (time budget)' (default 330)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="dry run of the whole pipeline on tiny CPU shapes (no CUDA baselines)")
+    parser.add_argument("--render", type=pathlib.Path, metavar="JSON",
+                        help="only rewrite the Markdown beside a report's JSON (same numbers; no timing)")
     return parser.parse_args(argv)
+
+
+def render(json_path: pathlib.Path) -> int:
+    """Rewrites ``<name>.md`` from ``<name>.json`` of an earlier run (e.g. after a change of the
+    table format); the plot is linked when ``<name>.png`` exists."""
+    run = json.loads(json_path.read_text())
+    plot = json_path.with_suffix(".png")
+    _writers.write_markdown(run, json_path.with_suffix(".md"), plot.name if plot.exists() else None)
+    print(f"wrote {json_path.with_suffix('.md')}")
+    return 0
 
 
 # ---- environment ------------------------------------------------------------------------------
@@ -314,6 +327,8 @@ def notes(config, shapes, device) -> list[str]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.render is not None:
+        return render(args.render)
     start = time.monotonic()
     if args.cpu_smoke:
         device = torch.device("cpu")
