@@ -696,8 +696,8 @@ def _head_dim_split(Dk: int) -> tuple[int, int]:
     return d_a, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-# split path, G = 16: from this many queries on, the scores kernel takes 16 queries x 16 heads on 8
-# warps (the whole select at 64k, H200, paper shape, three sweeps: 8.45 against 8.55-8.60 ms; at 32k
+# split path, G = 16, Dk <= 128: from this many queries on, the scores kernel takes 16 queries x 16
+# heads on 8 warps (the whole select at 64k, H200, paper shape, three sweeps: 8.45 against 8.55-8.60 ms; at 32k
 # 2.195 against 2.217; at 8k the smaller tiles measured 0.202 against 0.305 ms once and equal once)
 LONG_SEQ_SCORES_TILE = 32768
 
@@ -713,7 +713,9 @@ def _kernel_plan_v2(G: int, Dk: int, cmp_block: int, cmp_stride: int, slc_block:
     # 128 rows (queries x heads) on 4 warps: 2-3 CTAs per SM. 256 rows on 8 warps needed 142 registers
     # (triton 3.6), one CTA per SM, and ran 1.36x slower at 64k on the H200 (perf/NOTES.md, sweep);
     # with the split path's band sums 256 rows on 8 warps became the faster tile at long sequences
-    long_tile = split and g_pad == 16 and T >= LONG_SEQ_SCORES_TILE
+    # (measured at Dk = 128 only; at Dk = 192 the 256-row tile would need 145 KiB of shared memory, one
+    # CTA per SM, by a local sm_90 compile: not taken there)
+    long_tile = split and g_pad == 16 and T >= LONG_SEQ_SCORES_TILE and d_a + d_b <= 128
     block_t = tuning.get("BLOCK_T", 16 if long_tile else max(8, 128 // g_pad))
     head_step = g_pad
     while head_step > 1 and block_t * head_step * (d_a + d_b) > 256 * 256:  # q tile <= 128 KiB in bf16

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install flexnsa, then run the named GPU stages, each with its own time limit.
 # Usage (on the GPU machine, repo root):  bash perf/gpu_all.sh tests flex:200 ops decode train report
+# (a report stage needs fla-core: the call must carry .whl, else the script stops before any stage)
 # (a stage's time limit in seconds after the colon; extra arguments through ARGS_<stage>, e.g.
 #  ARGS_ops="--no-256k").
 # Everything lands in $OUT/<stage>/ and is packed into $OUT/results.tar.gz (the device returns at
@@ -17,6 +18,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+# the report compares fla-core in the same run: without its wheel (carry .whl) it is a wasted call
+if [[ " $* " == *" report"* ]] && [ "${ALLOW_NO_FLA:-0}" != 1 ] && ! python3 -c "import fla.ops.nsa" 2>/dev/null; then
+  echo "fla-core is not importable: carry .whl (run's carry: [\".whl\"]) or set ALLOW_NO_FLA=1"; exit 3
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/gpu.csv" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.csv"
 

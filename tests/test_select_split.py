@@ -75,11 +75,12 @@ def test_split_impl_and_chunks(monkeypatch):
     assert select_kernel._topn_plan(select_kernel.TOPN_RESIDENT_BLOCKS + 1, 16)["STREAM"]
     assert plan["BRACKET"] and plan["PADDED"]
     # the scores kernel's tiles: 16 queries x 16 heads on 8 warps for long sequences (G = 16, split)
-    tiles = lambda G, split, T: (lambda p: (p["BLOCK_T"], p["HEAD_STEP"], p["num_warps"]))(  # noqa: E731
-        select_kernel._kernel_plan_v2(G, 128, 32, 16, 64, split, T))
+    tiles = lambda G, split, T, Dk=128: (lambda p: (p["BLOCK_T"], p["HEAD_STEP"], p["num_warps"]))(  # noqa: E731
+        select_kernel._kernel_plan_v2(G, Dk, 32, 16, 64, split, T))
     long_t = select_kernel.LONG_SEQ_SCORES_TILE
     assert tiles(16, True, long_t) == (16, 16, 8) and tiles(16, True, long_t - 1) == (8, 16, 4)
     assert tiles(16, False, long_t) == (8, 16, 4) and tiles(4, True, long_t) == (32, 4, 4)
+    assert tiles(16, True, long_t, Dk=192) == (8, 16, 4)  # the long tile only where measured (Dk <= 128)
 
 
 # ---- kernels under the interpreter (subprocess) -------------------------------------------------
