@@ -712,6 +712,35 @@ def test_gated_cpu_path_matches_selected_then_combine(dtype):
 
 
 @cpu_path_only
+@given(GROUPS, st.integers(1, 2), st.integers(1, 45), st.sampled_from([(8, 4), (4, 12)]),
+       st.sampled_from([3, 8, 16]), st.integers(1, 4), st.booleans(), st.integers(0, 2**31 - 1))  # fmt: skip
+def test_gated_cpu_path_matches_reference(G, B, T, dims, block, n, use_o, seed):
+    """float64 CPU path of ``selected_attention_gated`` against the reference's selected attention
+    and gated sum: the three outputs and the gradients of all six inputs (T shorter than a block,
+    not a multiple of one, G from 1 to 16)."""
+    Dk, Dv = dims
+    cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
+    q, k, v, _, _ = make_problem(cfg, B, 1, G, T, Dk, Dv, torch.float64, seed)
+    idx = random_indices(B, 1, T, n, cfg.num_blocks(T), seed)
+    gen = torch.Generator().manual_seed(seed)
+    o_cmp, o_win = (torch.randn(B, G, T, Dv, generator=gen, dtype=torch.float64) for _ in range(2))
+    gates = torch.rand(B, G, T, 3, generator=gen, dtype=torch.float64)
+    grads_in = [torch.randn(B, G, T, Dv, generator=gen, dtype=torch.float64) for _ in range(2)]
+    results = []
+    for fused in (True, False):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, o_cmp, o_win, gates)]
+        if fused:
+            y, o, lse = custom_ops.selected_attention_gated(*leaves[:3], idx, *leaves[3:], cfg)
+        else:
+            o, lse = reference.selected_attention(*leaves[:3], idx, cfg)
+            y = reference.combine_branches(leaves[3], o, leaves[4], leaves[5])
+        outputs, grads = ((y, o), grads_in) if use_o else ((y,), grads_in[:1])
+        results.append((y, o, lse, *torch.autograd.grad(outputs, leaves, grads)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@cpu_path_only
 @pytest.mark.slow
 def test_gated_opcheck_and_compile():
     cfg, q, k, v, _, _, idx = small_problem()
@@ -729,6 +758,27 @@ def test_gated_opcheck_and_compile():
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got.square().sum(), leaves), torch.autograd.grad(want.square().sum(), leaves)):
         torch.testing.assert_close(a, b)
+
+
+@interp_only
+@settings(max_examples=6)
+@given(st.sampled_from([1, 3, 16]), st.integers(1, 2), st.integers(1, 40), st.sampled_from([(16, 16), (24, 40)]),
+       LOW_DTYPES, st.sampled_from([(1, 0), (2, 64), (4, 5)]), st.integers(0, 2**31 - 1))  # fmt: skip
+def test_interp_gated_epilogue_properties(G, B, T, dims, dtype, tiles, seed):
+    """The epilogue's gated sum against the separate pass on drawn shapes: G 1/3/16, batch 1-2, T from
+    1 (shorter than a block) to 40 (not a multiple of one), query tiles by the one-query kernel, the
+    union kernel or a mix; the selected output also in the loss."""
+    from flexnsa.custom_ops import kernel_utils
+
+    qt, max_union = tiles
+    cfg = flexnsa.NSAConfig(8, 4, 8, 3, 1, 1)
+    q, k, v, _, _ = make_problem(cfg, B, 2, G, T, *dims, dtype, seed=seed)
+    kernel_utils.TUNING["selected_fwd"] = {"QT": qt, "MAX_UNION": max_union}
+    try:
+        check_gated_against_combine(q, k, v, random_indices(B, 2, T, 3, cfg.num_blocks(T), seed=seed), cfg,
+                                    seed=seed, use_o=True)  # fmt: skip
+    finally:
+        kernel_utils.TUNING.pop("selected_fwd", None)
 
 
 @interp_only

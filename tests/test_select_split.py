@@ -19,6 +19,8 @@ import sys
 import pytest
 import torch
 import triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flexnsa
 import flexnsa.custom_ops as custom_ops
@@ -235,6 +237,37 @@ def test_interp_topn_kernel_wide_rows(bracket, padded, monkeypatch):
         select_kernel.topn_launch(lambda kernel: kernel, keys, idx, t_start, slc_block)
         got = idx[:, :, t_start : t_start + TQ]
         assert torch.equal(as_sets(got), reference_topn(keys[..., :T], T, t_start, slc_block, n)), t_start
+
+
+@interp_only
+@settings(max_examples=8)
+@given(st.integers(1, 200), st.integers(1, 40), st.integers(1, 16), st.sampled_from([1, 2, 8]), st.booleans(),
+       st.sampled_from(["normal", "rounded", "inf"]), st.booleans(), st.integers(0, 2**31 - 1))  # fmt: skip
+def test_interp_topn_kernel_properties(NB, TQ, n, rows, padded, kind, bracket, seed):
+    """The top-n kernel on drawn rows: any width up to 200 blocks (register widths 16 to 256), any n,
+    1-8 rows per program, rows padded or not, keys with few distinct values (ties) or many +inf, the
+    search started from group maxima or not; equal sets to a stable sort of the keys."""
+    gen = torch.Generator().manual_seed(seed)
+    B, HKV, slc_block = 1, 2, 1
+    T = NB
+    t_start = int(torch.randint(0, T, (1,), generator=gen))
+    width = triton.next_power_of_2(max(16, NB)) if padded else NB
+    keys = torch.randn(B, HKV, TQ, width, generator=gen)  # [B, HKV, TQ, width]
+    if kind == "rounded":
+        keys = keys.round()
+    elif kind == "inf":
+        keys = torch.where(torch.rand(keys.shape, generator=gen) < 0.3, math.inf, keys)
+    keys[..., NB:] = math.inf  # padding: never read
+    for r in range(TQ):
+        keys[:, :, r, min((t_start + r) // slc_block + 1, NB) : NB] = math.nan  # after the row's own block
+    idx = torch.full((B, HKV, T, n), -7, dtype=torch.int32)
+    kernel_utils.TUNING["select_topn"] = {"ROWS": rows, "BRACKET": bracket}
+    try:
+        select_kernel.topn_launch(lambda kernel: kernel, keys, idx, t_start, slc_block)
+    finally:
+        kernel_utils.TUNING.pop("select_topn", None)
+    got = idx[:, :, t_start : min(t_start + TQ, T)]
+    assert torch.equal(as_sets(got), reference_topn(keys[..., :NB], T, t_start, slc_block, n))
 
 
 # ---- CUDA --------------------------------------------------------------------------------------
