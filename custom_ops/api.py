@@ -13,6 +13,7 @@ import torch
 from flexnsa._checks import Dims, _check_tensor, _expect_shape, check_block_indices, check_config, check_qk, check_scale
 
 from . import ops  # noqa: F401  (registers the ops)
+from .combine import check_combine_inputs
 
 __all__ = ["select_blocks", "selected_attention", "selected_attention_gated"]
 
@@ -123,15 +124,10 @@ def selected_attention_gated(q, k, v, indices, o_cmp, o_win, gates, config, scal
     """
     config = check_config(config)
     dims = _check_attention_inputs(q, k, v, indices, config)
-    want = (dims.batch, dims.q_heads, dims.seq_len, dims.v_dim)
-    for name, x in (("o_cmp", o_cmp), ("o_win", o_win)):
-        _check_tensor(name, x, rank=4)
-        _expect_shape(name, x, want, "[B, HQ, T, Dv]")
-        if x.dtype != q.dtype or x.device != q.device:
-            raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got ({x.dtype}, {x.device})")
-    _check_tensor("gates", gates, rank=4)
-    _expect_shape("gates", gates, (*want[:3], 3), "[B, HQ, T, 3]")
-    if not gates.is_floating_point() or gates.device != q.device:
-        raise ValueError(f"gates must be a float tensor on q's device {q.device}, got {gates.dtype} on {gates.device}")
+    _check_tensor("o_cmp", o_cmp, rank=4)
+    _expect_shape("o_cmp", o_cmp, (dims.batch, dims.q_heads, dims.seq_len, dims.v_dim), "[B, HQ, T, Dv]")
+    if o_cmp.dtype != q.dtype or o_cmp.device != q.device:
+        raise ValueError(f"o_cmp must have q's dtype and device ({q.dtype}, {q.device}), got ({o_cmp.dtype}, {o_cmp.device})")
+    check_combine_inputs(o_cmp, (("o_win", o_win),), gates)
     scale = _scale(scale, dims.qk_dim)
     return torch.ops.flexnsa.selected_attention_gated(q, k, v, indices, o_cmp, o_win, gates, config.slc_block, scale)

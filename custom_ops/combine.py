@@ -152,11 +152,18 @@ def gated_combine(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor,
         ``[B, HQ, T, Dv]``; differentiable in all four inputs (the same function as
         :func:`flexnsa.reference.combine_branches`).
     """
-    for name, x in (("o_slc", o_slc), ("o_win", o_win)):
-        if x.shape != o_cmp.shape or x.dtype != o_cmp.dtype or x.device != o_cmp.device:
-            raise ValueError(f"{name} must match o_cmp ({tuple(o_cmp.shape)}, {o_cmp.dtype}, {o_cmp.device}), "
-                             f"got ({tuple(x.shape)}, {x.dtype}, {x.device})")
-    if gates.shape != (*o_cmp.shape[:-1], 3) or not gates.is_floating_point() or gates.device != o_cmp.device:
-        raise ValueError(f"gates must be a float tensor [B, HQ, T, 3] on {o_cmp.device}, got "
-                         f"{tuple(gates.shape)} {gates.dtype} on {gates.device}")
+    check_combine_inputs(o_cmp, (("o_slc", o_slc), ("o_win", o_win)), gates)
     return torch.ops.flexnsa.gated_combine(o_cmp, o_slc, o_win, gates)
+
+
+def check_combine_inputs(o_cmp: torch.Tensor, others, gates: torch.Tensor) -> None:
+    """ValueError naming the argument unless every ``(name, x)`` of ``others`` has ``o_cmp``'s shape,
+    dtype and device and ``gates`` is a float tensor ``[*o_cmp.shape[:-1], 3]`` on its device."""
+    for name, x in others:
+        if not isinstance(x, torch.Tensor) or x.shape != o_cmp.shape or x.dtype != o_cmp.dtype or x.device != o_cmp.device:
+            got = (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must match o_cmp ({tuple(o_cmp.shape)}, {o_cmp.dtype}, {o_cmp.device}), got {got}")
+    if (not isinstance(gates, torch.Tensor) or gates.shape != (*o_cmp.shape[:-1], 3) or not gates.is_floating_point()
+            or gates.device != o_cmp.device):  # fmt: skip
+        got = f"{tuple(gates.shape)} {gates.dtype} on {gates.device}" if isinstance(gates, torch.Tensor) else type(gates).__name__
+        raise ValueError(f"gates must be a float tensor [B, HQ, T, 3] on {o_cmp.device}, got {got}")

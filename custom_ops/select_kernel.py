@@ -507,15 +507,22 @@ def _midpoint(lo, hi):
 
 
 @triton.jit
+def _store_taken(take, j, n_out, out_rows, rows_ok):
+    """Stores the blocks ``j`` where ``take [ROWS, W]`` to each row's next slots (after its ``n_out``
+    stored ones); returns the new ``n_out``."""
+    pos = n_out[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
+    tl.store(out_rows[:, None] + pos, tl.zeros_like(pos) + j[None, :], mask=take & rows_ok[:, None])
+    return n_out + tl.sum(take.to(tl.int32), axis=1)
+
+
+@triton.jit
 def _emit(v, j, lo, hi, quota, ties_before, n_out, out_rows, rows_ok):
     """Stores the blocks ``j`` of one tile that the search chose (``v >= hi``, and ``v == lo`` while
     at most ``quota`` came before) to the row's next slots; returns the updated ``(ties_before, n_out)``."""
     tie = v == lo[:, None]
     rank = ties_before[:, None] + tl.cumsum(tie.to(tl.int32), axis=1)
     take = (v >= hi[:, None]) | (tie & (rank <= quota[:, None]))
-    pos = n_out[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
-    tl.store(out_rows[:, None] + pos, tl.zeros_like(pos) + j[None, :], mask=take & rows_ok[:, None])
-    return ties_before + tl.sum(tie.to(tl.int32), axis=1), n_out + tl.sum(take.to(tl.int32), axis=1)
+    return ties_before + tl.sum(tie.to(tl.int32), axis=1), _store_taken(take, j, n_out, out_rows, rows_ok)
 
 
 @triton.jit
@@ -561,10 +568,7 @@ def _topn_rows_resident(key_rows, out_rows, rows_ok, own, N: tl.constexpr, W: tl
         zero = tl.zeros_like(c_hi)
         _, n_out = _emit(v, j, lo, hi, quota, zero, zero, out_rows, rows_ok)
     else:  # the usual case: exactly N keys >= hi, no tie to rank
-        take = v >= hi[:, None]  # [ROWS, W]
-        pos = tl.cumsum(take.to(tl.int32), axis=1) - 1
-        tl.store(out_rows[:, None] + pos, tl.zeros_like(pos) + j[None, :], mask=take & rows_ok[:, None])
-        n_out = tl.sum(take.to(tl.int32), axis=1)
+        n_out = _store_taken(v >= hi[:, None], j, tl.zeros_like(c_hi), out_rows, rows_ok)
     return n_out
 
 
@@ -767,8 +771,8 @@ def _split_chunk(B: int, HKV: int, T: int, NB: int, block_t: int) -> int:
 
 
 def _topn_plan(NB: int, num_selected: int) -> dict:
-    """Launch plan of :func:`_topn_kernel` (``TUNING["select_topn"]`` overrides ROWS, num_warps,
-    BRACKET, PADDED)."""
+    """Launch plan of :func:`_topn_kernel` for key rows ``NB`` wide in memory (``TUNING["select_topn"]``
+    overrides ROWS, num_warps, BRACKET, PADDED)."""
     tuning = tuned("select_topn")
     stream = NB > TOPN_RESIDENT_BLOCKS
     width = triton.next_power_of_2(TOPN_RESIDENT_BLOCKS) if stream else max(16, triton.next_power_of_2(NB))
@@ -787,7 +791,8 @@ def _topn_plan(NB: int, num_selected: int) -> dict:
         WIDTH=width,
         STREAM=stream,
         BRACKET=bool(tuning.get("BRACKET", True)),
-        PADDED=bool(tuning.get("PADDED", True)),
+        # rows as wide in memory as the register width (``_split_launch`` pads them): whole-row loads
+        PADDED=bool(tuning.get("PADDED", True)) and not stream and NB == width,
         num_warps=tuning.get("num_warps", max(1, width // 1024)),
     )
 
@@ -886,12 +891,13 @@ def _split_launch(launch, args: list, meta: dict, indices: torch.Tensor, slc_blo
 def topn_launch(launch, keys: torch.Tensor, indices: torch.Tensor, t_start: int, slc_block: int) -> None:
     """:func:`_topn_kernel` on the keys ``[B, HKV, TQ, NB]`` float32 of queries ``t_start ..
     t_start + TQ - 1`` (row ``t`` reads blocks ``j <= t // slc_block``), into their rows of ``indices``.
-    Rows at least as wide as the kernel's register width (``_split_launch`` pads them) are loaded
-    whole (vector loads)."""
+    Rows as wide as the kernel's register width (``_split_launch`` pads them) are loaded whole
+    (vector loads)."""
     B, HKV, tq, NB = keys.shape
+    if keys.stride(3) != 1:
+        raise ValueError(f"keys must be contiguous along the blocks (stride 1), got strides {keys.stride()}")
     T, n = indices.shape[2], indices.shape[3]
     plan = _topn_plan(NB, n)
-    plan["PADDED"] = plan["PADDED"] and not plan["STREAM"] and NB >= plan["WIDTH"] and keys.stride(3) == 1
     launch(_topn_kernel)[(triton.cdiv(min(tq, T - t_start), plan["ROWS"]), B * HKV)](
         keys,
         indices,

@@ -672,16 +672,29 @@ def test_tuning_options_reach_the_kernels(monkeypatch):
     assert "union_rows" not in launches["_selected_fwd_kernel"]
 
 
-def check_gated_against_combine(q, k, v, idx, cfg, seed=0, use_o=False):
-    """``selected_attention_gated`` against ``selected_attention`` then ``gated_combine``: the gated
-    sum, the selected output and its lse, and the gradients of q, k, v, o_cmp, o_win and gates
-    (the backward is the same two kernels, so they agree to rounding; the forward's sum is the same
-    float32 arithmetic on the stored selected output). ``use_o``: the loss also reads the selected
-    output (its gradient then reaches the op as well)."""
+def _separate_ops(q, k, v, idx, o_cmp, o_win, gates, cfg):
+    """The unfused path: ``selected_attention`` then ``gated_combine``."""
+    o, lse = custom_ops.selected_attention(q, k, v, idx, cfg)
+    return custom_ops.gated_combine(o_cmp, o, o_win, gates), o, lse
+
+
+def _separate_reference(q, k, v, idx, o_cmp, o_win, gates, cfg):
+    """The float64 truth: the reference's selected attention and gated sum."""
+    o, lse = reference.selected_attention(q, k, v, idx, cfg)
+    return reference.combine_branches(o_cmp, o, o_win, gates), o, lse
+
+
+def check_gated_against_combine(q, k, v, idx, cfg, seed=0, use="y", separate=_separate_ops):
+    """``selected_attention_gated`` against ``separate`` (default: ``selected_attention`` then
+    ``gated_combine``): the gated sum, the selected output and its lse, and the gradients of q, k, v,
+    o_cmp, o_win and gates (the backward is the same two kernels, so they agree to rounding; the
+    forward's sum is the same float32 arithmetic on the stored selected output). ``use``: what the
+    loss reads, ``"y"``, ``"y+o"`` (the selected output as well: its gradient then reaches the op too)
+    or ``"o"`` (the gated sum unused: no gradient for o_cmp, o_win, gates)."""
     gen = torch.Generator().manual_seed(seed)
     B, HQ, T, _ = q.shape
     Dv = v.shape[-1]
-    rnd = lambda *shape: torch.randn(*shape, generator=gen).to(q.device, q.dtype)  # noqa: E731
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(q.device, q.dtype)  # noqa: E731
     o_cmp, o_win, grad = rnd(B, HQ, T, Dv), rnd(B, HQ, T, Dv), rnd(B, HQ, T, Dv)
     gates = torch.rand(B, HQ, T, 3, generator=gen).to(q.device)  # float32 gates with low-precision q
     results = []
@@ -691,13 +704,18 @@ def check_gated_against_combine(q, k, v, idx, cfg, seed=0, use_o=False):
         if fused:
             y, o, lse = custom_ops.selected_attention_gated(qq, kk, vv, idx, oc, ow, gg, cfg)
         else:
-            o, lse = custom_ops.selected_attention(qq, kk, vv, idx, cfg)
-            y = custom_ops.gated_combine(oc, o, ow, gg)
-        outputs, grads = ((y, o), (grad, grad.flip(2))) if use_o else ((y,), (grad,))
-        results.append((y, o, lse, *torch.autograd.grad(outputs, leaves, grads)))
-    tol = dict(rtol=1e-5, atol=1e-5) if q.dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)
+            y, o, lse = separate(qq, kk, vv, idx, oc, ow, gg, cfg)
+        outputs, grads = {"y": ((y,), (grad,)), "y+o": ((y, o), (grad, grad.flip(2))), "o": ((o,), (grad,))}[use]
+        results.append((y, o, lse, *torch.autograd.grad(outputs, leaves, grads, allow_unused=True)))
+    if q.dtype == torch.float64:
+        tol = dict(rtol=1e-9, atol=1e-11)
+    else:
+        tol = dict(rtol=1e-5, atol=1e-5) if q.dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     names = ("y", "o", "lse", "dq", "dk", "dv", "d_cmp", "d_win", "d_gates")
     for name, got, want in zip(names, *results):
+        if want is None:  # unused input (use="o"): no gradient on either path
+            assert got is None, name
+            continue
         torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -707,14 +725,15 @@ def test_gated_cpu_path_matches_selected_then_combine(dtype):
     cfg = flexnsa.NSAConfig(8, 4, 8, 3, 1, 1)
     q, k, v, k_cmp, lse = make_problem(cfg, 2, 2, 3, 37, 8, 6, dtype, seed=3)
     idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
-    check_gated_against_combine(q, k, v, idx, cfg)
-    check_gated_against_combine(q, k, v, idx, cfg, use_o=True)
+    for use in ("y", "y+o", "o"):
+        check_gated_against_combine(q, k, v, idx, cfg, use=use)
 
 
 @cpu_path_only
 @given(GROUPS, st.integers(1, 2), st.integers(1, 45), st.sampled_from([(8, 4), (4, 12)]),
-       st.sampled_from([3, 8, 16]), st.integers(1, 4), st.booleans(), st.integers(0, 2**31 - 1))  # fmt: skip
-def test_gated_cpu_path_matches_reference(G, B, T, dims, block, n, use_o, seed):
+       st.sampled_from([3, 8, 16]), st.integers(1, 4), st.sampled_from(["y", "y+o", "o"]),
+       st.integers(0, 2**31 - 1))  # fmt: skip
+def test_gated_cpu_path_matches_reference(G, B, T, dims, block, n, use, seed):
     """float64 CPU path of ``selected_attention_gated`` against the reference's selected attention
     and gated sum: the three outputs and the gradients of all six inputs (T shorter than a block,
     not a multiple of one, G from 1 to 16)."""
@@ -722,22 +741,7 @@ def test_gated_cpu_path_matches_reference(G, B, T, dims, block, n, use_o, seed):
     cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
     q, k, v, _, _ = make_problem(cfg, B, 1, G, T, Dk, Dv, torch.float64, seed)
     idx = random_indices(B, 1, T, n, cfg.num_blocks(T), seed)
-    gen = torch.Generator().manual_seed(seed)
-    o_cmp, o_win = (torch.randn(B, G, T, Dv, generator=gen, dtype=torch.float64) for _ in range(2))
-    gates = torch.rand(B, G, T, 3, generator=gen, dtype=torch.float64)
-    grads_in = [torch.randn(B, G, T, Dv, generator=gen, dtype=torch.float64) for _ in range(2)]
-    results = []
-    for fused in (True, False):
-        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, o_cmp, o_win, gates)]
-        if fused:
-            y, o, lse = custom_ops.selected_attention_gated(*leaves[:3], idx, *leaves[3:], cfg)
-        else:
-            o, lse = reference.selected_attention(*leaves[:3], idx, cfg)
-            y = reference.combine_branches(leaves[3], o, leaves[4], leaves[5])
-        outputs, grads = ((y, o), grads_in) if use_o else ((y,), grads_in[:1])
-        results.append((y, o, lse, *torch.autograd.grad(outputs, leaves, grads)))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    check_gated_against_combine(q, k, v, idx, cfg, seed=seed, use=use, separate=_separate_reference)
 
 
 @cpu_path_only
@@ -776,7 +780,7 @@ def test_interp_gated_epilogue_properties(G, B, T, dims, dtype, tiles, seed):
     kernel_utils.TUNING["selected_fwd"] = {"QT": qt, "MAX_UNION": max_union}
     try:
         check_gated_against_combine(q, k, v, random_indices(B, 2, T, 3, cfg.num_blocks(T), seed=seed), cfg,
-                                    seed=seed, use_o=True)  # fmt: skip
+                                    seed=seed, use="y+o")  # fmt: skip
     finally:
         kernel_utils.TUNING.pop("selected_fwd", None)
 
@@ -795,7 +799,8 @@ def test_interp_gated_epilogue_matches_combine(G, dims, dtype, qt, max_union, mo
     monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": qt, "MAX_UNION": max_union})
     check_gated_against_combine(q, k, v, idx, cfg, seed=G)
     check_gated_against_combine(q, k, v, random_indices(1, 2, 45, 3, cfg.num_blocks(45), seed=G), cfg, seed=G + 1,
-                                use_o=True)
+                                use="y+o")
+    check_gated_against_combine(q, k, v, idx, cfg, seed=G + 2, use="o")
 
 
 # ---- CUDA --------------------------------------------------------------------------------------
