@@ -57,8 +57,9 @@ def upcast_dots(x: torch.Tensor) -> bool:
 # Keys: "select" (v1 kernel: num_warps, num_stages, BLOCK_T, BLOCK_C), "select_v2" (the same, TRANS,
 # PREFETCH, BANDED, SKIP_MERGE and maxnreg; maxnreg is meant for eager timing, untested under
 # torch.compile; also the tiles of the split path's scores kernel), "select_topn" (the split path's
-# top-n kernel: ROWS, num_warps, BRACKET, PADDED), "selected_fwd", "selected_dq" (QT, union_rows,
-# MAX_UNION, union_warps, num_warps, num_stages), "selected_dkv_reduce" (num_warps, num_stages),
+# top-n kernel: ROWS, num_warps, BRACKET, PADDED), "selected_fwd", "selected_dq" (DS_BUFFER, and for the
+# direct dq kernels QT, union_rows, MAX_UNION, union_warps, num_warps, num_stages), "selected_dq_ds"
+# (num_warps, num_stages of the dq-from-dS kernel), "selected_dkv_reduce" (num_warps, num_stages),
 # "selected_dkv" (num_warps, num_stages, ROWS, CHUNK).
 # Meant for benchmarks (perf/gpu_sweep.py sweeps them); empty by default.
 TUNING: dict[str, dict] = {}

@@ -7,7 +7,18 @@ With ``P[h, t, s] = exp(scale * q[h, t] . k[g, s] - lse[h, t])`` on the selected
     dk[g, s] = scale * sum_{h in g, t} dS[h, t, s] q[h, t]
     dv[g, s] =         sum_{h in g, t} P[h, t, s] do[h, t]
 
-Four kernels:
+Two schemes, chosen by :func:`use_ds_buffer`:
+
+**dS buffer** (the default while the buffer fits ``DS_BUFFER_MAX_BYTES``):
+
+1. ``_delta_kernel``: ``delta`` from ``o`` and ``do``.
+2. ``_dkv_kernel`` (below) with ``STORE_DS``: besides dK/dV it stores the ``dS [G, l']`` it forms
+   for every (query, slot) in a buffer laid out like the index (``[B * HKV * T * n, G, l']``).
+3. ``_dq_ds_kernel``: per query, ``dq = scale * sum_slot dS @ K[block]``: one product and one K
+   block per (query, slot), where the direct kernels load K and V and do three products.
+4. ``_dkv_reduce_kernel`` (deterministic dK/dV, below).
+
+**Direct** (dq recomputes dS):
 
 1. ``_dq_union_kernel`` then ``_dq_kernel``: dq by the same two-kernel scheme as the forward (query
    tiles walking the union of their blocks where it is small, one program per query elsewhere);
@@ -37,7 +48,7 @@ import triton.language as tl
 from .kernel_utils import dims_pad, head_tile, load_kv_block, mma, selection_strides, tuned, upcast_dots
 from .query_tiles import claim_tile, tile_plan, union_block
 
-__all__ = ["selected_bwd_launch", "build_reverse_index", "DKV_CHUNK"]
+__all__ = ["selected_bwd_launch", "build_reverse_index", "use_ds_buffer", "DKV_CHUNK", "DS_BUFFER_MAX_BYTES"]
 
 DKV_CHUNK = 1024  # queries per dK/dV work item
 
@@ -240,6 +251,78 @@ def _dq_union_kernel(
 
 
 @triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, R, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``delta[r] = sum_c o[r, c] * do[r, c]`` in float32 for the ``R`` rows of contiguous ``[R, DV]``
+    ``o`` and ``do`` (``R = B * HQ * T``; ``delta`` contiguous ``[B, HQ, T]``)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    c = tl.arange(0, DV_PAD)
+    mask = (r[:, None] < R) & (c[None, :] < DV)
+    off = r[:, None] * DV + c[None, :]  # [BLOCK_R, DV_PAD]
+    o = tl.load(o_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + r, tl.sum(o * do, axis=1), mask=r < R)
+
+
+@triton.jit
+def _dq_ds_kernel(
+    k_ptr,  # [B, HKV, T, DK]
+    idx_ptr,  # [B, HKV, T, N] int32/int64
+    ds_ptr,  # [B * HKV * T * N, DS_ROWS, BS_PAD], written by _dkv_kernel (STORE_DS)
+    dq_ptr,  # [B, HQ, T, DK] (output)
+    T,
+    HKV,
+    scale: tl.constexpr,
+    stride_qb,  # dq's strides
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,  # rows of the product (>= 16)
+    DS_ROWS: tl.constexpr,  # rows per entry in ds (the dK/dV kernel's padded heads)
+    DK: tl.constexpr,
+    DK_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BS_PAD: tl.constexpr,
+    N: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``dq[h, t] = scale * sum_slot dS[t, slot, h, :] @ K[block(t, slot)]``: one program per (query,
+    batch x KV head), the ``G`` heads as rows; dS comes from the dK/dV kernel, so each (query, slot)
+    reads its K block (not V) and does one product instead of three. Slots ``-1`` and keys after
+    the query are skipped (their dS rows are not read)."""
+    t = tl.program_id(0).to(tl.int64)
+    pid_bg = tl.program_id(1).to(tl.int64)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    h = tl.arange(0, G_PAD)
+    head_ok = h < G
+    dk = tl.arange(0, DK_PAD)
+    s_off = tl.arange(0, BS_PAD)
+    k_base = k_ptr + b * stride_kb + g * stride_kh
+    idx_base = idx_ptr + b * stride_ib + g * stride_ih + t * stride_it
+    entry0 = (pid_bg * T + t) * N  # flat index slot of (b, g, t, slot 0)
+    dq = tl.zeros((G_PAD, DK_PAD), tl.float32)
+    for slot in range(N):
+        blk = tl.load(idx_base + slot).to(tl.int64)
+        pos = blk * BS + s_off  # [BS_PAD]
+        key_ok = (pos >= 0) & (s_off < BS) & (pos <= t)  # blk = -1: pos < 0
+        kb = tl.load(
+            k_base + pos[:, None] * stride_kt + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0
+        )  # [BS_PAD, DK_PAD]
+        ds_off = (entry0 + slot) * (DS_ROWS * BS_PAD) + h[:, None] * BS_PAD + s_off[None, :]
+        ds = tl.load(ds_ptr + ds_off, mask=head_ok[:, None] & key_ok[None, :], other=0.0)  # [G_PAD, BS_PAD]
+        dq += mma(ds, kb, IEEE, UPCAST)
+    dq_off = b * stride_qb + (g * G + h)[:, None] * stride_qh + t * stride_qt + dk[None, :]
+    tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=head_ok[:, None] & (dk[None, :] < DK))
+
+
+@triton.jit
 def _dkv_kernel(
     q_ptr,
     k_ptr,
@@ -253,6 +336,8 @@ def _dkv_kernel(
     item_end_ptr,  # [W] int32: one past its last entry
     dk_out_ptr,  # float32: [W, BS_PAD, DK_PAD] partials, or [B, HKV, T, DK] accumulator (ATOMIC)
     dv_out_ptr,
+    entry_pos_ptr,  # STORE_DS: [L] int32, flat index slot position of each sorted entry
+    ds_ptr,  # STORE_DS: [B * HKV * T * N, G_PAD, BS_PAD] (output), dS of every (query, slot) in q's dtype
     T,
     HKV,
     NB,
@@ -282,11 +367,14 @@ def _dkv_kernel(
     BS: tl.constexpr,
     BS_PAD: tl.constexpr,
     ATOMIC: tl.constexpr,
+    STORE_DS: tl.constexpr,  # also store dS (unscaled, rounded as for the dK product) for _dq_ds_kernel
     IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
     UPCAST: tl.constexpr,
 ):
     """do shares o's strides (stride_o*); delta shares lse's strides; accumulator shares k's/v's
-    (b, h, t) strides with unit stride on the last dim."""
+    (b, h, t) strides with unit stride on the last dim. ``STORE_DS``: entry ``e`` (flat index slot
+    ``entry_pos[e] = ((b * HKV + g) * T + t) * N + slot``) stores its ``dS [G_PAD, BS_PAD]`` at row
+    ``entry_pos[e]`` of ``ds``; rows of padded heads and keys after the query hold zeros."""
     w = tl.program_id(0).to(tl.int64)
     key = tl.load(item_key_ptr + w)
     if key < NUM_KEYS:
@@ -339,8 +427,13 @@ def _dkv_kernel(
             p = tl.where(valid, tl.exp2(logits - lse2[:, None]), 0.0)
             dv_acc += mma(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
             dp = mma(do, tl.trans(vb), IEEE, UPCAST)  # [ROWS, BS_PAD]
-            ds = p * (dp - delta[:, None])
-            dk_acc += mma(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
+            ds = (p * (dp - delta[:, None])).to(q.dtype)  # [ROWS, BS_PAD]
+            dk_acc += mma(tl.trans(ds), q, IEEE, UPCAST)
+            if STORE_DS:
+                in_item = entry < end  # [ROWS]
+                e_pos = tl.load(entry_pos_ptr + entry, mask=in_item, other=0).to(tl.int64)  # [ROWS]
+                ds_off = e_pos[:, None] * (G_PAD * BS_PAD) + row_h[:, None] * BS_PAD + s_off[None, :]
+                tl.store(ds_ptr + ds_off, ds, mask=in_item[:, None])
         dk_acc = dk_acc * scale
 
         if ATOMIC:
@@ -411,7 +504,8 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
     """Block -> queries index of a selection ``[B, HKV, T, n]`` (``-1`` = unused), by torch ops.
 
     Keys ``(b * HKV + g) * NB + block`` of all slots are stably sorted; ``entry_t[e]`` is the query
-    of sorted entry ``e`` (``entry_slot[e]`` its slot), and key ``k`` owns entries ``[offsets[k], offsets[k+1])``. Each key's
+    of sorted entry ``e`` (``entry_pos[e]`` its flat position in ``indices``: ``((b * HKV + g) * T + t) * n
+    + slot``), and key ``k`` owns entries ``[offsets[k], offsets[k+1])``. Each key's
     list is cut into ``max(1, ceil(len / chunk))`` work items; item ``w`` covers entries
     ``[item_start[w], item_end[w])`` of key ``item_key[w]`` (``>= NUM_KEYS``: nothing to do). Key
     ``k``'s items are ``first_item[k] .. first_item[k] + num_items[k] - 1``. All shapes are static.
@@ -425,7 +519,7 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
     keys = torch.where(flat >= 0, group * num_blocks + flat, num_keys).reshape(-1)  # [L], invalid slots last
     sorted_keys, order = torch.sort(keys, stable=True)  # [L]
     entry_t = ((order // n) % T).to(torch.int32)  # [L]
-    entry_slot = (order % n).to(torch.int32)  # [L] the index slot of each entry
+    entry_pos = order.to(torch.int32)  # [L] flat index slot of each entry (L = B * HKV * T * n < 2**31)
     bounds = torch.arange(num_keys + 1, device=device, dtype=sorted_keys.dtype)
     offsets = torch.searchsorted(sorted_keys, bounds)  # [NUM_KEYS + 1]
     counts = offsets[1:] - offsets[:-1]  # [NUM_KEYS]
@@ -440,7 +534,7 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
     end = torch.minimum(start + chunk, offsets[key_c + 1])
     return dict(
         entry_t=entry_t,
-        entry_slot=entry_slot,
+        entry_pos=entry_pos,
         item_key=item_key.to(torch.int32),
         item_start=start.to(torch.int32),
         item_end=end.to(torch.int32),
@@ -451,24 +545,30 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
     )
 
 
-def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block: int, scale: float, atomic: bool):
-    """Runs the three backward kernels on contiguous inputs; returns ``(dq, dk, dv)`` in the input dtypes.
+# dq from the dK/dV kernel's dS (``_dq_ds_kernel``) while that buffer (``2 * B * HKV * T * n *
+# next_pow2(G) * l'`` bytes in 16-bit, 8x the size of q for the paper config) fits in this many
+# bytes; else the direct dq kernels (which reload V and recompute dS per query and block).
+DS_BUFFER_MAX_BYTES = 8 << 30
+_DQ_TILE_KEYS = ("QT", "union_rows", "MAX_UNION", "union_warps")
 
-    ``atomic=False``: dK/dV deterministic (partials summed in a fixed order); dq always is.
-    """
-    B, HQ, T, Dk = q.shape
-    HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
-    G = HQ // HKV
-    nb = -(-T // slc_block)
-    g_pad = head_tile(G)
-    dk_pad, dv_pad, bs_pad = dims_pad(Dk), dims_pad(Dv), dims_pad(slc_block)
-    shared = dict(G=G, DK=Dk, DK_PAD=dk_pad, DV=Dv, DV_PAD=dv_pad, BS=slc_block, BS_PAD=bs_pad, IEEE=q.dtype == torch.float32,
-                  UPCAST=upcast_dots(q))
 
-    dq_opts = tuned("selected_dq", num_warps=4 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8, num_stages=2)
-    tiles = tile_plan(dq_opts, "selected_dq", B, HKV, T, G, n, max(dk_pad, dv_pad), q.device)
-    delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T], written by the dq kernels
-    dq = torch.empty_like(q)  # [B, HQ, T, Dk]
+def use_ds_buffer(dq_options: dict, ds_bytes: int) -> bool:
+    """Whether the backward computes dq from a stored dS. Pops ``DS_BUFFER`` (True / False / None:
+    automatic) from ``dq_options`` (``TUNING["selected_dq"]``). Automatic: yes while ``ds_bytes <=
+    DS_BUFFER_MAX_BYTES``, unless query-tile keys (which configure the direct dq kernels) are set."""
+    choice = dq_options.pop("DS_BUFFER", None)
+    if choice is None:
+        return ds_bytes <= DS_BUFFER_MAX_BYTES and not any(key in dq_options for key in _DQ_TILE_KEYS)
+    if not isinstance(choice, bool):
+        raise ValueError(f"TUNING['selected_dq']['DS_BUFFER'] must be True, False or None, got {choice!r}")
+    return choice
+
+
+def _dq_direct(launch, dq_opts, q, k, v, indices, out, grad_out, lse, dq, delta, scale, g_pad, n, shared):
+    """dq (and delta) by the union and one-query kernels, each recomputing dS from K and V."""
+    B, HQ, T, _ = q.shape
+    HKV = k.shape[1]
+    tiles = tile_plan(dq_opts, "selected_dq", B, HKV, T, HQ // HKV, n, max(shared["DK_PAD"], shared["DV_PAD"]), q.device)
     args = (q, k, v, indices, out, grad_out, lse, dq, delta)
     strides = selection_strides(q, k, v, indices, out, lse)
     qt, done = tiles["qt"], (delta if tiles["done"] is None else tiles["done"])  # delta: a placeholder pointer
@@ -483,11 +583,41 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
             *args, done, T, HKV, scale, *strides, G_PAD=g_pad, N=n, TILE=qt if qt > 1 else 0, **dq_opts, **shared,
         )  # fmt: skip
 
+
+def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block: int, scale: float, atomic: bool):
+    """Runs the backward kernels on contiguous inputs; returns ``(dq, dk, dv)`` in the input dtypes.
+
+    ``atomic=False``: dK/dV deterministic (partials summed in a fixed order); dq always is. With the
+    dS buffer (:func:`use_ds_buffer`): delta, dK/dV (also storing dS), dq from dS; else dq (also
+    writing delta), then dK/dV.
+    """
+    B, HQ, T, Dk = q.shape
+    HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
+    G = HQ // HKV
+    nb = -(-T // slc_block)
+    g_pad = head_tile(G)
+    dk_pad, dv_pad, bs_pad = dims_pad(Dk), dims_pad(Dv), dims_pad(slc_block)
+    shared = dict(G=G, DK=Dk, DK_PAD=dk_pad, DV=Dv, DV_PAD=dv_pad, BS=slc_block, BS_PAD=bs_pad, IEEE=q.dtype == torch.float32,
+                  UPCAST=upcast_dots(q))
+
+    g_rows = triton.next_power_of_2(G)  # head rows per query in the dK/dV kernel (and in dS)
+    dq_opts = tuned("selected_dq", num_warps=4 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8, num_stages=2)
+    ds_path = use_ds_buffer(dq_opts, B * HKV * T * n * g_rows * bs_pad * q.element_size())
+    delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
+    dq = torch.empty_like(q)  # [B, HQ, T, Dk]
+    if ds_path:  # delta now; dq after the dK/dV kernel, from its dS
+        rows = B * HQ * T
+        block_r = max(1, 4096 // dv_pad)
+        launch(_delta_kernel)[(triton.cdiv(rows, block_r),)](
+            out, grad_out, delta, rows, DV=Dv, DV_PAD=dv_pad, BLOCK_R=block_r, num_warps=4
+        )
+    else:  # dq first (it writes delta)
+        _dq_direct(launch, dq_opts, q, k, v, indices, out, grad_out, lse, dq, delta, scale, g_pad, n, shared)
+
     # 4 warps: 8 warps needed 207 registers (one CTA per SM, latency-bound); 4 warps ran the whole
     # backward 1.46x faster at 64k on the H200 (perf/NOTES.md, sweep)
     dkv_opts = tuned("selected_dkv", num_warps=4, num_stages=2, ROWS=64, CHUNK=DKV_CHUNK)
     rev = build_reverse_index(indices, nb, dkv_opts.pop("CHUNK"))
-    g_rows = triton.next_power_of_2(G)
     qb = max(1, dkv_opts.pop("ROWS") // g_rows)
     if atomic:
         dk_out = torch.zeros(B, HKV, T, Dk, dtype=torch.float32, device=q.device)  # [B, HKV, T, Dk]
@@ -495,18 +625,26 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     else:
         dk_out = torch.empty(rev["max_items"], bs_pad, dk_pad, dtype=torch.float32, device=q.device)  # [W, BS, Dk]
         dv_out = torch.empty(rev["max_items"], bs_pad, dv_pad, dtype=torch.float32, device=q.device)  # [W, BS, Dv]
+    # [B * HKV * T * n, g_rows, BS_PAD]: dS of every index slot (rows of -1 slots stay unwritten, never read)
+    ds = torch.empty(B * HKV * T * n, g_rows, bs_pad, dtype=q.dtype, device=q.device) if ds_path else delta
     launch(_dkv_kernel)[(rev["max_items"],)](
         q, k, v, grad_out, lse, delta,
         rev["entry_t"], rev["item_key"], rev["item_start"], rev["item_end"],
-        dk_out, dv_out, T, HKV, nb, rev["num_keys"], scale,
+        dk_out, dv_out, rev["entry_pos"], ds, T, HKV, nb, rev["num_keys"], scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        G_PAD=g_rows, QB=qb, ATOMIC=atomic, **dkv_opts,
+        G_PAD=g_rows, QB=qb, ATOMIC=atomic, STORE_DS=ds_path, **dkv_opts,
         **shared,
     )  # fmt: skip
+    if ds_path:
+        launch(_dq_ds_kernel)[(T, B * HKV)](
+            k, indices, ds, dq, T, HKV, scale, *dq.stride()[:3], *k.stride()[:3], *indices.stride()[:3],
+            G=G, G_PAD=g_pad, DS_ROWS=g_rows, DK=Dk, DK_PAD=dk_pad, BS=slc_block, BS_PAD=bs_pad, N=n,
+            IEEE=shared["IEEE"], UPCAST=shared["UPCAST"], **tuned("selected_dq_ds", num_warps=4, num_stages=3),
+        )  # fmt: skip
     if atomic:
         return dq, dk_out.to(k.dtype), dv_out.to(v.dtype)
 

@@ -51,7 +51,11 @@ VARIANTS = {
     # QT * n, or every tile for G <= 4: query_tiles.union_threshold) run the union kernel, the others
     # the one-query kernel
     "selected_fwd": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
-    "selected_dq": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}, {"num_warps": 2}],
+    # the whole selected backward; default: dq from the dK/dV kernel's stored dS; DS_BUFFER False (or any
+    # tile key): the direct dq kernels
+    "selected_dq": [{}, {"DS_BUFFER": False}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"num_warps": 2}],
+    # the dq-from-dS kernel's launch (TUNING["selected_dq_ds"])
+    "selected_dq_ds": [{}, {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 2}, {"num_warps": 8}],
     # the same kernels on the selections of correlated queries (each query the mean of 64 random ones,
     # rescaled): neighbours then share most blocks, as in trained models
     "selected_fwd_corr": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 8}],
@@ -60,7 +64,7 @@ VARIANTS = {
     # = 16 rows, every tile; {"union_rows": 16, "MAX_UNION": 42} is the previous default (each query's
     # 4 heads padded to 16 rows, 64-row tiles, union only up to 42 blocks)
     "selected_fwd_sg": [{}, {"QT": 1}, {"union_rows": 16, "MAX_UNION": 42}, {"QT": 8}, {"union_warps": 4}],
-    "selected_dq_sg": [{}, {"QT": 1}, {"union_rows": 16, "MAX_UNION": 42}, {"QT": 8}, {"union_warps": 4}],
+    "selected_dq_sg": [{}, {"DS_BUFFER": False}, {"QT": 1}, {"QT": 8}, {"union_warps": 4}],
     "flex_cmp_fwd": [{}, {"USE_TMA": True}, {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}],
     "flex_win_fwd": [{}, {"USE_TMA": True}, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
@@ -196,11 +200,13 @@ def main() -> int:
             "flex_cmp_fwd": lambda: flexnsa.compressed_attention(q, kc, vc, cfg, scale=scale, return_lse=True),
             "flex_win_fwd": lambda: flexnsa.sliding_window_attention(q, k, v, cfg.window, scale=scale),
             "selected_dkv": selected_bwd,  # TUNING["selected_dkv"] varied
+            "selected_dq_ds": selected_bwd,  # TUNING["selected_dq_ds"] varied
         }  # fmt: skip
         if sg is not None:
             calls["selected_fwd_sg"] = lambda: custom_ops.selected_attention(sg["q"], sg["k"], sg["v"], sg["idx"], cfg, scale)
             calls["selected_dq_sg"] = lambda: torch.ops.flexnsa.selected_attention_backward(
                 sg["do"], sg["q"], sg["k"], sg["v"], sg["o"], sg["lse"], sg["idx"], cfg.slc_block, scale, True)
+        first_grads = {}  # backward kernels: (dq, dk, dv) of each kernel's first variant
         for name in args.kernels.split(","):
             for variant in VARIANTS[name]:
                 if time.time() - t_start > args.budget:
@@ -237,6 +243,9 @@ def main() -> int:
                         if name.startswith("selected_fwd"):  # against the default kernel's output
                             want = o_corr if name.endswith("_corr") else (sg["o"] if name.endswith("_sg") else o)
                             row["max_abs_diff_o"] = float((out[0].float() - want.float()).abs().max())
+                        if name.startswith(("selected_dq", "selected_dkv")):  # gradients against the first variant's
+                            first = first_grads.setdefault(name, out)
+                            row["max_abs_diff_o"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(out, first))
                         row["ms"] = median_ms(calls[name], q.device)
                 except Exception as err:  # a variant that does not compile is a finding
                     row["error"] = repr(err)[:160]
@@ -248,7 +257,7 @@ def main() -> int:
         del q, k, v, kc, vc, lse, o, do, qg, kcg, vcg, kg, vg, do_c, q_corr, idx_corr, o_corr, lse_corr, sg, calls
         torch.cuda.empty_cache()
     md = ["# Launch-parameter sweep (bf16, B=1, HQ=64, HKV=4, D=128, paper config)", "",
-          "| T | kernel | variant | ms | select rows differing from default / fwd max abs diff of o | error |", "|---|---|---|---|---|---|"]
+          "| T | kernel | variant | ms | select rows differing from default / max abs diff of o (fwd) or of dq, dk, dv (bwd) from the first variant | error |", "|---|---|---|---|---|---|"]
     md += [f"| {r['T']} | {r['kernel']} | `{r['variant']}` | {r.get('ms', float('nan')):.3f} | "
            f"{r.get('rows_differing', r.get('max_abs_diff_o', ''))} | {r.get('error', '')} |" for r in rows if "ms" in r or "error" in r]
     md += [f"\n{r['T']}: {r['variant']}: random {r['random']:.1f}, correlated {r['correlated']:.1f}"

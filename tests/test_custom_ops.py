@@ -284,6 +284,10 @@ def test_reverse_index_covers_every_slot_once(case):
         first = int(rev["first_item"][key])
         assert first <= w < first + int(rev["num_items"][key])
         seen.setdefault(key, []).extend(int(t) for t in rev["entry_t"][start:end])
+        for e in range(start, end):  # entry_pos points back at the index slot of the entry
+            pos = int(rev["entry_pos"][e])
+            bg, t, slot = pos // (T * n), (pos // n) % T, pos % n
+            assert t == int(rev["entry_t"][e]) and key == bg * NB + int(idx[bg // HKV, bg % HKV, t, slot])
     expected = {}
     for b, g, t, s in (idx >= 0).nonzero().tolist():
         expected.setdefault((b * HKV + g) * NB + int(idx[b, g, t, s]), []).append(t)
@@ -440,17 +444,22 @@ def test_interp_select_banded_block_scores(cmp_block, cmp_stride, slc_block, mon
 @interp_only
 @settings(max_examples=15)
 @given(GROUPS, st.integers(1, 37).map(lambda t: 2 * t - 1), st.sampled_from([(16, 8), (24, 16), (8, 20)]),
-       st.sampled_from([4, 8, 12]), st.integers(1, 4), LOW_DTYPES, st.booleans(), st.integers(0, 2**31 - 1))  # fmt: skip
-def test_interp_selected_attention_matches_reference(G, T, dims, block, n, dtype, atomic, seed):
-    """Forward (o, lse) and backward (dq, dk, dv), deterministic or atomic dK/dV, odd T, any indices."""
+       st.sampled_from([4, 8, 12]), st.integers(1, 4), LOW_DTYPES, st.booleans(), st.booleans(),
+       st.integers(0, 2**31 - 1))  # fmt: skip
+def test_interp_selected_attention_matches_reference(G, T, dims, block, n, dtype, atomic, ds_buffer, seed):
+    """Forward (o, lse) and backward (dq, dk, dv), deterministic or atomic dK/dV, dq from the stored
+    dS or by the direct kernels, odd T, any indices."""
+    from flexnsa.custom_ops import kernel_utils
+
     Dk, Dv = dims
     cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
     q, k, v, _, _ = make_problem(cfg, 1, 1, G, T, Dk, Dv, dtype, seed)
     idx = random_indices(1, 1, T, n, cfg.num_blocks(T), seed)
     env = {"FLEXNSA_DKV_ATOMIC": "1"} if atomic else {}
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis: no function-scoped monkeypatch fixture
         for key, value in env.items():
             mp.setenv(key, value)
+        mp.setitem(kernel_utils.TUNING, "selected_dq", {"DS_BUFFER": ds_buffer})
         check_attention(q, k, v, idx, cfg, seed)
 
 
@@ -514,12 +523,13 @@ EDGE_CASES = [  # G, T, (Dk, Dv), l', n, dtype, query rows per step, index dtype
 
 
 @interp_only
+@pytest.mark.parametrize("ds_buffer", [True, False])
 @pytest.mark.parametrize("G, T, dims, block, n, dtype, rows, idx_dtype", EDGE_CASES)
-def test_interp_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, monkeypatch):
+def test_interp_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, ds_buffer, monkeypatch):
     """The default kernels on the edge cases above (two KV groups; dK/dV work items of 2 queries,
-    ``rows`` query rows per dK/dV step; atomic dK/dV for the bfloat16 cases), run under
-    ``torch.use_deterministic_algorithms(True)`` (which fills ``torch.empty`` with NaN, so a read of an
-    unwritten partial shows): against the reference, and keyless queries get exactly ``o = 0``,
+    ``rows`` query rows per dK/dV step; atomic dK/dV for the bfloat16 cases; dq from the stored dS or
+    by the direct kernels), run under ``torch.use_deterministic_algorithms(True)`` (which fills
+    ``torch.empty`` with NaN, so a read of an unwritten partial or dS row shows): against the reference, and keyless queries get exactly ``o = 0``,
     ``lse = -inf``, ``dq = 0``."""
     from flexnsa.custom_ops import kernel_utils
 
@@ -530,6 +540,7 @@ def test_interp_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, monkeyp
     q, k, v, _, _ = make_problem(cfg, 1, 2, G, T, Dk, Dv, dtype, seed=T + 1)
     idx = indices_with_keyless_rows(1, 2, T, n, cfg.num_blocks(T), seed=G + 1, dtype=idx_dtype)
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 2, "ROWS": rows})
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"DS_BUFFER": ds_buffer})
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(dtype != torch.bfloat16)
     try:
@@ -664,12 +675,36 @@ def test_tuning_options_reach_the_kernels(monkeypatch):
     assert (launches["_dq_kernel"]["num_warps"], launches["_dq_kernel"]["TILE"]) == (2, 2)
     assert (launches["_dq_union_kernel"]["QT"], launches["_dq_union_kernel"]["MAX_UNION"]) == (2, 5)
     assert set(launches) == {"_dq_union_kernel", "_dq_kernel", "_dkv_kernel", "_dkv_reduce_kernel"}
+    # no tile keys: dq from the dK/dV kernel's dS (delta first, dq last)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {})
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq_ds", {"num_warps": 2, "num_stages": 4})
+    launches.clear()
+    selected_bwd_launch(RecordingLaunch, o, q, k, v, o, lse, idx, 8, 0.25, atomic=False)
+    assert set(launches) == {"_delta_kernel", "_dkv_kernel", "_dq_ds_kernel", "_dkv_reduce_kernel"}
+    assert launches["_dkv_kernel"]["STORE_DS"] and launches["_dq_ds_kernel"]["grid"] == (T, B * HKV)
+    dq_ds = launches["_dq_ds_kernel"]
+    assert (dq_ds["num_warps"], dq_ds["num_stages"], dq_ds["DS_ROWS"], dq_ds["G_PAD"]) == (2, 4, 16, 16)
     # one-query kernel only; a union-tile option does not leak into its launch
     monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": 1, "union_rows": 16})
     launches.clear()
     selected_fwd_launch(RecordingLaunch, q, k, v, idx, 8, 0.25)
     assert set(launches) == {"_selected_fwd_kernel"} and launches["_selected_fwd_kernel"]["TILE"] == 0
     assert "union_rows" not in launches["_selected_fwd_kernel"]
+
+
+def test_ds_buffer_choice():
+    """dq from the stored dS while the buffer fits ``DS_BUFFER_MAX_BYTES`` and no query-tile key (an
+    option of the direct dq kernels) is set; ``DS_BUFFER`` forces either way; bad values raise."""
+    from flexnsa.custom_ops.selected_bwd import DS_BUFFER_MAX_BYTES, use_ds_buffer
+
+    assert use_ds_buffer({}, DS_BUFFER_MAX_BYTES) and not use_ds_buffer({}, DS_BUFFER_MAX_BYTES + 1)
+    assert not use_ds_buffer({"QT": 4}, 1) and not use_ds_buffer({"MAX_UNION": 3}, 1)
+    assert use_ds_buffer({"DS_BUFFER": True, "QT": 4}, 2 * DS_BUFFER_MAX_BYTES)
+    assert not use_ds_buffer({"DS_BUFFER": False}, 1)
+    options = {"DS_BUFFER": None, "num_warps": 4}
+    assert use_ds_buffer(options, 1) and options == {"num_warps": 4}  # the key is consumed
+    with pytest.raises(ValueError, match="DS_BUFFER"):
+        use_ds_buffer({"DS_BUFFER": 1}, 1)
 
 
 def _separate_ops(q, k, v, idx, o_cmp, o_win, gates, cfg):
