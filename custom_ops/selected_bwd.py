@@ -331,7 +331,7 @@ def _dkv_kernel(
     lse_ptr,
     delta_ptr,
     entry_t_ptr,  # [L] int32: query of each sorted index entry
-    item_key_ptr,  # [W] int32: (b * HKV + g) * NB + block, or >= NUM_KEYS for an empty item
+    item_key_ptr,  # [W] int32: segment * NUM_KEYS + (b * HKV + g) * NB + block, >= NUM_CKEYS for an empty item
     item_start_ptr,  # [W] int32: first entry of the item
     item_end_ptr,  # [W] int32: one past its last entry
     dk_out_ptr,  # float32: [W, BS_PAD, DK_PAD] partials, or [B, HKV, T, DK] accumulator (ATOMIC)
@@ -342,6 +342,7 @@ def _dkv_kernel(
     HKV,
     NB,
     NUM_KEYS,
+    NUM_CKEYS,  # NUM_KEYS * query segments
     scale: tl.constexpr,  # constexpr: inductor would pass a python float as an fp64 scalar
     stride_qb,
     stride_qh,
@@ -376,8 +377,9 @@ def _dkv_kernel(
     ``entry_pos[e] = ((b * HKV + g) * T + t) * N + slot``) stores its ``dS [G_PAD, BS_PAD]`` at row
     ``entry_pos[e]`` of ``ds``; rows of padded heads and keys after the query hold zeros."""
     w = tl.program_id(0).to(tl.int64)
-    key = tl.load(item_key_ptr + w)
-    if key < NUM_KEYS:
+    ckey = tl.load(item_key_ptr + w)
+    if ckey < NUM_CKEYS:
+        key = ckey % NUM_KEYS
         start = tl.load(item_start_ptr + w)
         end = tl.load(item_end_ptr + w)
         bg = key // NB
@@ -450,13 +452,15 @@ def _dkv_kernel(
 def _dkv_reduce_kernel(
     dk_part_ptr,  # [W, BS_PAD, DK_PAD] float32
     dv_part_ptr,
-    first_item_ptr,  # [NUM_KEYS] int32
-    num_items_ptr,  # [NUM_KEYS] int32
+    first_item_ptr,  # [NUM_SEG * NUM_KEYS] int32, index segment * NUM_KEYS + key
+    num_items_ptr,  # [NUM_SEG * NUM_KEYS] int32
     dk_ptr,  # [B, HKV, T, DK] (output)
     dv_ptr,
     T,
     HKV,
     NB,
+    NUM_KEYS,
+    NUM_SEG,
     stride_kb,
     stride_kh,
     stride_kt,
@@ -470,22 +474,25 @@ def _dkv_reduce_kernel(
     BS: tl.constexpr,
     BS_PAD: tl.constexpr,
 ):
+    """dK/dV of one block: the sum of its work items' partials, segment by segment, each segment's
+    items in order (a fixed order: deterministic)."""
     key = tl.program_id(0)
     bg = key // NB
     blk = (key % NB).to(tl.int64)
     b = (bg // HKV).to(tl.int64)
     g = (bg % HKV).to(tl.int64)
-    first = tl.load(first_item_ptr + key).to(tl.int64)
-    count = tl.load(num_items_ptr + key)
     s_off = tl.arange(0, BS_PAD)
     dk_off = tl.arange(0, DK_PAD)
     dv_off = tl.arange(0, DV_PAD)
     dk_acc = tl.zeros((BS_PAD, DK_PAD), tl.float32)
     dv_acc = tl.zeros((BS_PAD, DV_PAD), tl.float32)
-    for i in range(count):  # fixed order: deterministic
-        item = first + i
-        dk_acc += tl.load(dk_part_ptr + item * (BS_PAD * DK_PAD) + s_off[:, None] * DK_PAD + dk_off[None, :])
-        dv_acc += tl.load(dv_part_ptr + item * (BS_PAD * DV_PAD) + s_off[:, None] * DV_PAD + dv_off[None, :])
+    for seg in range(NUM_SEG):
+        first = tl.load(first_item_ptr + seg * NUM_KEYS + key).to(tl.int64)
+        count = tl.load(num_items_ptr + seg * NUM_KEYS + key)
+        for i in range(count):
+            item = first + i
+            dk_acc += tl.load(dk_part_ptr + item * (BS_PAD * DK_PAD) + s_off[:, None] * DK_PAD + dk_off[None, :])
+            dv_acc += tl.load(dv_part_ptr + item * (BS_PAD * DV_PAD) + s_off[:, None] * DV_PAD + dv_off[None, :])
     pos = blk * BS + s_off
     pos_ok = (s_off < BS) & (pos < T)
     tl.store(
@@ -500,36 +507,44 @@ def _dkv_reduce_kernel(
     )
 
 
-def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV_CHUNK) -> dict:
+def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV_CHUNK, segment: int | None = None) -> dict:
     """Block -> queries index of a selection ``[B, HKV, T, n]`` (``-1`` = unused), by torch ops.
 
-    Keys ``(b * HKV + g) * NB + block`` of all slots are stably sorted; ``entry_t[e]`` is the query
-    of sorted entry ``e`` (``entry_pos[e]`` its flat position in ``indices``: ``((b * HKV + g) * T + t) * n
-    + slot``), and key ``k`` owns entries ``[offsets[k], offsets[k+1])``. Each key's
-    list is cut into ``max(1, ceil(len / chunk))`` work items; item ``w`` covers entries
-    ``[item_start[w], item_end[w])`` of key ``item_key[w]`` (``>= NUM_KEYS``: nothing to do). Key
-    ``k``'s items are ``first_item[k] .. first_item[k] + num_items[k] - 1``. All shapes are static.
+    The queries are cut into segments of ``segment`` tokens (one segment of ``T`` when None).
+    Composite keys ``segment_id * NUM_KEYS + (b * HKV + g) * NB + block`` of all slots are stably
+    sorted; ``entry_t[e]`` is the query of sorted entry ``e`` (``entry_pos[e]`` its flat position in
+    ``indices``: ``((b * HKV + g) * T + t) * n + slot``), and composite key ``c`` owns entries
+    ``[offsets[c], offsets[c+1])``. Each key's list is cut into ``ceil(len / chunk)`` work items
+    (none for an empty list); item ``w`` covers entries ``[item_start[w], item_end[w])`` of composite
+    key ``item_key[w]`` (``>= num_ckeys``: nothing to do). Composite key ``c``'s items are
+    ``first_item[c] .. first_item[c] + num_items[c] - 1``. Items come segment by segment, so the
+    programs running at one time read the queries of one segment (their q and dO rows then come
+    from L2 rather than HBM). All shapes are static.
     """
     B, HKV, T, n = indices.shape
     device = indices.device
     num_keys = B * HKV * num_blocks
+    seg_len = T if segment is None else max(1, min(int(segment), T))
+    num_seg = -(-T // seg_len)
+    num_ckeys = num_seg * num_keys
     total = B * HKV * T * n
     flat = indices.reshape(B * HKV, T * n).to(torch.int32)  # [B * HKV, T * n]
     group = torch.arange(B * HKV, device=device, dtype=torch.int32)[:, None]  # b * HKV + g
-    keys = torch.where(flat >= 0, group * num_blocks + flat, num_keys).reshape(-1)  # [L], invalid slots last
-    sorted_keys, order = torch.sort(keys, stable=True)  # [L]
+    seg_id = (torch.arange(T * n, device=device, dtype=torch.int32) // (n * seg_len))[None, :]  # [1, T * n]
+    ckeys = torch.where(flat >= 0, seg_id * num_keys + group * num_blocks + flat, num_ckeys).reshape(-1)  # [L]
+    sorted_keys, order = torch.sort(ckeys, stable=True)  # [L], invalid slots last
     entry_t = ((order // n) % T).to(torch.int32)  # [L]
     entry_pos = order.to(torch.int32)  # [L] flat index slot of each entry (L = B * HKV * T * n < 2**31)
-    bounds = torch.arange(num_keys + 1, device=device, dtype=sorted_keys.dtype)
-    offsets = torch.searchsorted(sorted_keys, bounds)  # [NUM_KEYS + 1]
-    counts = offsets[1:] - offsets[:-1]  # [NUM_KEYS]
-    num_items = torch.clamp((counts + chunk - 1) // chunk, min=1)  # [NUM_KEYS]
-    items_end = torch.cumsum(num_items, 0)  # [NUM_KEYS] inclusive
+    bounds = torch.arange(num_ckeys + 1, device=device, dtype=sorted_keys.dtype)
+    offsets = torch.searchsorted(sorted_keys, bounds)  # [NUM_CKEYS + 1]
+    counts = offsets[1:] - offsets[:-1]  # [NUM_CKEYS]
+    num_items = (counts + chunk - 1) // chunk  # [NUM_CKEYS]
+    items_end = torch.cumsum(num_items, 0)  # [NUM_CKEYS] inclusive
     first_item = items_end - num_items
-    max_items = num_keys + total // chunk  # static bound on sum(num_items)
+    max_items = max(1, min(num_ckeys, total) + total // chunk)  # static bound on sum(num_items)
     w = torch.arange(max_items, device=device)
-    item_key = torch.searchsorted(items_end, w, right=True)  # [W], == NUM_KEYS past the last item
-    key_c = torch.clamp(item_key, max=num_keys - 1)
+    item_key = torch.searchsorted(items_end, w, right=True)  # [W], == NUM_CKEYS past the last item
+    key_c = torch.clamp(item_key, max=num_ckeys - 1)
     start = offsets[key_c] + (w - first_item[key_c]) * chunk
     end = torch.minimum(start + chunk, offsets[key_c + 1])
     return dict(
@@ -541,6 +556,8 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
         first_item=first_item.to(torch.int32),
         num_items=num_items.to(torch.int32),
         num_keys=num_keys,
+        num_ckeys=num_ckeys,
+        num_segments=num_seg,
         max_items=max_items,
     )
 
@@ -616,8 +633,8 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
 
     # 4 warps: 8 warps needed 207 registers (one CTA per SM, latency-bound); 4 warps ran the whole
     # backward 1.46x faster at 64k on the H200 (perf/NOTES.md, sweep)
-    dkv_opts = tuned("selected_dkv", num_warps=4, num_stages=2, ROWS=64, CHUNK=DKV_CHUNK)
-    rev = build_reverse_index(indices, nb, dkv_opts.pop("CHUNK"))
+    dkv_opts = tuned("selected_dkv", num_warps=4, num_stages=2, ROWS=64, CHUNK=DKV_CHUNK, SEGMENT=None)
+    rev = build_reverse_index(indices, nb, dkv_opts.pop("CHUNK"), dkv_opts.pop("SEGMENT"))
     qb = max(1, dkv_opts.pop("ROWS") // g_rows)
     if atomic:
         dk_out = torch.zeros(B, HKV, T, Dk, dtype=torch.float32, device=q.device)  # [B, HKV, T, Dk]
@@ -630,7 +647,7 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     launch(_dkv_kernel)[(rev["max_items"],)](
         q, k, v, grad_out, lse, delta,
         rev["entry_t"], rev["item_key"], rev["item_start"], rev["item_end"],
-        dk_out, dv_out, rev["entry_pos"], ds, T, HKV, nb, rev["num_keys"], scale,
+        dk_out, dv_out, rev["entry_pos"], ds, T, HKV, nb, rev["num_keys"], rev["num_ckeys"], scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -639,11 +656,12 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
         G_PAD=g_rows, QB=qb, ATOMIC=atomic, STORE_DS=ds_path, **dkv_opts,
         **shared,
     )  # fmt: skip
-    if ds_path:
+    if ds_path:  # 2 stages: H200, paper shape, whole selected backward 3.51 / 26.4 ms at 8k / 64k against
+        # 3.59 / 28.1 with 3 (perf/results/h200/sweep-7.md)
         launch(_dq_ds_kernel)[(T, B * HKV)](
             k, indices, ds, dq, T, HKV, scale, *dq.stride()[:3], *k.stride()[:3], *indices.stride()[:3],
             G=G, G_PAD=g_pad, DS_ROWS=g_rows, DK=Dk, DK_PAD=dk_pad, BS=slc_block, BS_PAD=bs_pad, N=n,
-            IEEE=shared["IEEE"], UPCAST=shared["UPCAST"], **tuned("selected_dq_ds", num_warps=4, num_stages=3),
+            IEEE=shared["IEEE"], UPCAST=shared["UPCAST"], **tuned("selected_dq_ds", num_warps=4, num_stages=2),
         )  # fmt: skip
     if atomic:
         return dq, dk_out.to(k.dtype), dv_out.to(v.dtype)
@@ -651,7 +669,7 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     dk = torch.empty_like(k)  # [B, HKV, T, Dk]
     dv = torch.empty_like(v)  # [B, HKV, T, Dv]
     launch(_dkv_reduce_kernel)[(rev["num_keys"],)](
-        dk_out, dv_out, rev["first_item"], rev["num_items"], dk, dv, T, HKV, nb,
+        dk_out, dv_out, rev["first_item"], rev["num_items"], dk, dv, T, HKV, nb, rev["num_keys"], rev["num_segments"],
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         DK=Dk, DK_PAD=dk_pad, DV=Dv, DV_PAD=dv_pad, BS=slc_block, BS_PAD=bs_pad,

@@ -8,10 +8,12 @@ reference for CPU training) is chosen automatically: see :mod:`flexnsa.flex_runt
 
 Compressed-branch backward on CUDA: FlexAttention's dK/dV pass runs one program per key block,
 each looping over every query. With ``Tc ~ T/16`` keys that is too few programs to fill the GPU,
-so when gradients are needed the queries are split into ``C`` chunks folded into the batch
-dimension (``[B, H, T, D] -> [B*C, H, T/C, D]``; the mask recovers the raw position
-``t = (b mod C) * T/C + q_idx``). Every chunk attends the same keys, so the result is exactly that
-of the unchunked computation; see :func:`default_num_chunks`.
+so when gradients are needed the queries are split into ``C`` chunks folded into the head
+dimension (``[B, H, T, D] -> [B, H*C, T/C, D]``, a view: head ``h*C + c`` is chunk ``c`` of head
+``h``; the mask recovers the raw position ``t = (h mod C) * T/C + q_idx``) and K/V are repeated to
+the ``H*C`` virtual heads, so that each chunk has its own dK/dV programs (their gradients sum back
+through the repeat). Every chunk attends the same keys, so the result is exactly that of the
+unchunked computation; see :func:`default_num_chunks`.
 """
 
 from __future__ import annotations
@@ -199,32 +201,33 @@ def _chunk_layout(seq_len: int, num_chunks: int) -> tuple[int, int]:
 
 
 def _compressed_mask_mod(config: NSAConfig, num_chunks: int, chunk_len: int, seq_len: int, user_mask_mod):
-    """The compressed pattern in the chunked layout: query row ``q_idx`` of batch entry ``b`` is raw
-    position ``t = (b mod C) * Tq + q_idx``; with a user mask_mod, compressed token ``i`` also needs
-    ``user(b div C, h, t, i*d)`` and ``user(b div C, h, t, i*d + l - 1)``. The user mask only ever
-    sees positions ``< T``: padding rows (``t >= T``, dropped from the output) ask about ``T - 1``."""
+    """The compressed pattern in the chunked layout: query row ``q_idx`` of virtual head ``h`` is raw
+    position ``t = (h mod C) * Tq + q_idx`` of query head ``h div C``; with a user mask_mod, compressed
+    token ``i`` also needs ``user(b, h div C, t, i*d)`` and ``user(b, h div C, t, i*d + l - 1)``. The
+    user mask only ever sees positions ``< T``: padding rows (``t >= T``, dropped from the output) ask
+    about ``T - 1``."""
     l, d = config.cmp_block, config.cmp_stride
     if num_chunks == 1 and user_mask_mod is None:
         return compressed_causal(l, d).mask_mod
     C, Tq, last_pos = num_chunks, chunk_len, seq_len - 1
 
     def compressed_chunked(b, h, q_idx, kv_idx):
-        t = (b % C) * Tq + q_idx
+        t = (h % C) * Tq + q_idx
         visible = kv_idx * d + (l - 1) <= t
         if user_mask_mod is None:
             return visible
-        seq, t_user = b // C, torch.clamp(t, max=last_pos)
+        head, t_user = h // C, torch.clamp(t, max=last_pos)
         first = torch.clamp(kv_idx * d, max=last_pos)
         last = torch.clamp(kv_idx * d + (l - 1), max=last_pos)
-        return visible & user_mask_mod(seq, h, t_user, first) & user_mask_mod(seq, h, t_user, last)
+        return visible & user_mask_mod(b, head, t_user, first) & user_mask_mod(b, head, t_user, last)
 
     suffix = "" if user_mask_mod is None else " & user"
     return named(f"compressed_causal_l{l}_d{d}_chunks{C}{suffix}", compressed_chunked)
 
 
-def _compressed_block_mask(seq_len, num_cmp, config, batch, num_chunks, chunk_len, device, user_mask_mod):
-    """Closed-form compressed BlockMask ``[B*C or 1, 1, Tq, Tc]``: the tables of the unchunked
-    ``[C*Tq, Tc]`` pattern cut into ``C`` row slabs, one per chunk (batch entry ``b*C + c``)."""
+def _compressed_block_mask(seq_len, num_cmp, config, heads, num_chunks, chunk_len, device, user_mask_mod):
+    """Closed-form compressed BlockMask ``[1, H*C or 1, Tq, Tc]``: the tables of the unchunked
+    ``[C*Tq, Tc]`` pattern cut into ``C`` row slabs, one per chunk (virtual head ``h*C + c``)."""
     l, d = config.cmp_block, config.cmp_stride
 
     def build():
@@ -232,10 +235,10 @@ def _compressed_block_mask(seq_len, num_cmp, config, batch, num_chunks, chunk_le
         any_blocks, full_blocks = compressed_causal(l, d).block_tables(rows, num_cmp, _Q_BLOCK, device)
         if user_mask_mod is not None:
             full_blocks = torch.zeros_like(full_blocks)
-        if num_chunks > 1:  # [1, 1, C*NQBc, NKB] -> [B*C, 1, NQBc, NKB]
+        if num_chunks > 1:  # [1, 1, C*NQBc, NKB] -> [1, H*C, NQBc, NKB]
             nkb = any_blocks.shape[-1]
-            any_blocks = any_blocks.reshape(num_chunks, 1, -1, nkb).repeat(batch, 1, 1, 1)
-            full_blocks = full_blocks.reshape(num_chunks, 1, -1, nkb).repeat(batch, 1, 1, 1)
+            any_blocks = any_blocks.reshape(1, num_chunks, -1, nkb).repeat(1, heads, 1, 1)
+            full_blocks = full_blocks.reshape(1, num_chunks, -1, nkb).repeat(1, heads, 1, 1)
         mask_mod = _compressed_mask_mod(config, num_chunks, chunk_len, seq_len, user_mask_mod)
         return block_mask_from_tables(any_blocks, full_blocks, mask_mod, chunk_len, num_cmp, _Q_BLOCK)
 
@@ -245,7 +248,7 @@ def _compressed_block_mask(seq_len, num_cmp, config, batch, num_chunks, chunk_le
         num_cmp,
         l,
         d,
-        batch if num_chunks > 1 else 0,
+        heads if num_chunks > 1 else 0,
         num_chunks,
         _device_key(device),
     )
@@ -253,40 +256,42 @@ def _compressed_block_mask(seq_len, num_cmp, config, batch, num_chunks, chunk_le
 
 
 def _to_chunks(x: torch.Tensor, num_chunks: int, chunk_len: int) -> torch.Tensor:
-    """``[B, H, T, D] -> [B*C, H, Tq, D]`` (zero-padded to ``C*Tq`` rows; a view when B = 1 and
-    no padding is needed)."""
+    """``[B, H, T, D] -> [B, H*C, Tq, D]`` (zero-padded to ``C*Tq`` rows; a view of contiguous ``x``
+    when no padding is needed)."""
     B, H, T, D = x.shape
     pad = num_chunks * chunk_len - T
     if pad:
         x = F.pad(x, (0, 0, 0, pad))  # [B, H, C*Tq, D]
-    return x.view(B, H, num_chunks, chunk_len, D).transpose(1, 2).reshape(B * num_chunks, H, chunk_len, D)
+    return x.reshape(B, H * num_chunks, chunk_len, D)
 
 
-def _from_chunks(x: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-    """``[B*C, H, Tq, ...] -> [B, H, T, ...]`` (inverse of :func:`_to_chunks`, padding dropped)."""
-    BC, H, Tq = x.shape[:3]
-    rest = x.shape[3:]
-    x = x.view(batch, BC // batch, H, Tq, *rest).transpose(1, 2).reshape(batch, H, (BC // batch) * Tq, *rest)
-    return x[:, :, :seq_len]
+def _from_chunks(x: torch.Tensor, heads: int, seq_len: int) -> torch.Tensor:
+    """``[B, H*C, Tq, ...] -> [B, H, T, ...]`` (inverse of :func:`_to_chunks`, padding dropped; a view
+    of contiguous ``x``)."""
+    B, HC, Tq = x.shape[:3]
+    return x.reshape(B, heads, (HC // heads) * Tq, *x.shape[3:])[:, :, :seq_len]
 
 
-def _flex_compressed(path, q, k_cmp, v_cmp, config, scale, want_lse, user_mask_mod, num_chunks):
+def _flex_compressed(path, q, k_cmp, v_cmp, config, scale, want_lse, user_mask_mod, num_chunks, expand):
+    """FlexAttention on the compressed tokens in ``num_chunks`` query chunks (virtual heads). K/V are
+    repeated to every virtual head when there are several chunks (the chunks exist to give each its
+    own dK/dV programs) and, with ``expand``, to the ``HQ`` query heads; their gradients sum back
+    through ``repeat_interleave``. Otherwise GQA maps the query heads onto the ``HKV`` K/V heads."""
     B, HQ, T, _ = q.shape
-    Tc = k_cmp.shape[2]
+    HKV, Tc = k_cmp.shape[1], k_cmp.shape[2]
     C, Tq = _chunk_layout(T, num_chunks)
-    block_mask = _compressed_block_mask(T, Tc, config, B, C, Tq, q.device, user_mask_mod)
+    block_mask = _compressed_block_mask(T, Tc, config, HQ, C, Tq, q.device, user_mask_mod)
+    if C > 1 or (expand and HQ > HKV):  # virtual head h*C + c reads KV head h // G
+        k_cmp = k_cmp.repeat_interleave(HQ * C // HKV, dim=1)  # [B, HQ*C, Tc, Dk]
+        v_cmp = v_cmp.repeat_interleave(HQ * C // HKV, dim=1)  # [B, HQ*C, Tc, Dv]
     if C == 1:
         options = _COMPRESSED_FWD_OPTIONS if Tc >= _COMPRESSED_TMA_MIN_KEYS else None
         out, lse = call_flex(path, q, k_cmp, v_cmp, block_mask, scale, want_lse, forward_options=options)
     else:
-        q_chunks = _to_chunks(q, C, Tq)  # [B*C, HQ, Tq, Dk]
-        if B == 1:  # FlexAttention broadcasts a batch-1 K/V over the query batch
-            k_in, v_in = k_cmp, v_cmp
-        else:  # entry b*C + c reads sequence b
-            k_in, v_in = k_cmp.repeat_interleave(C, dim=0), v_cmp.repeat_interleave(C, dim=0)
-        out, lse = call_flex(path, q_chunks, k_in, v_in, block_mask, scale, want_lse)
-        out = _from_chunks(out, B, T)  # [B, HQ, T, Dv]
-        lse = None if lse is None else _from_chunks(lse, B, T)  # [B, HQ, T]
+        q_chunks = _to_chunks(q.contiguous(), C, Tq)  # [B, HQ*C, Tq, Dk]
+        out, lse = call_flex(path, q_chunks, k_cmp, v_cmp, block_mask, scale, want_lse)
+        out = _from_chunks(out, HQ, T)  # [B, HQ, T, Dv]
+        lse = None if lse is None else _from_chunks(lse, HQ, T)  # [B, HQ, T]
     if lse is not None:
         # queries t < l - 1 see no compressed token: lse = -inf (FlexAttention gives -inf for
         # empty rows already; this pins the contract whatever the kernel version does)
@@ -360,16 +365,13 @@ def compressed_attention(
         return (out, lse) if return_lse else out
     HKV = k_cmp.shape[1]
     if _expand_heads is None:
-        _expand_heads = wants_grad and q.is_cuda and HKV < HQ
-    if _expand_heads and HKV < HQ:
         # FlexAttention's dK/dV pass runs one program per (key tile, KV head) and loops over the G
         # query heads of the group: with Tc = T/16 keys that is too few programs. K/V repeated to the
         # HQ query heads give G times more (their gradients sum back through repeat_interleave):
         # H200, paper shape, forward+backward of this branch 2.09 -> 1.63 ms at 8k, 49.25 -> 47.96 ms
         # at 64k (perf/NOTES.md, session 4)
-        k_cmp = k_cmp.repeat_interleave(HQ // HKV, dim=1)  # [B, HQ, Tc, Dk]
-        v_cmp = v_cmp.repeat_interleave(HQ // HKV, dim=1)  # [B, HQ, Tc, Dv]
+        _expand_heads = wants_grad and q.is_cuda and HKV < HQ
     if _num_chunks is None:
-        _num_chunks = default_num_chunks(T, Tc, B, k_cmp.shape[1]) if wants_grad and q.is_cuda else 1
-    out, lse = _flex_compressed(path, q, k_cmp, v_cmp, config, scale, return_lse, mask_mod, _num_chunks)
+        _num_chunks = default_num_chunks(T, Tc, B, HQ if _expand_heads else HKV) if wants_grad and q.is_cuda else 1
+    out, lse = _flex_compressed(path, q, k_cmp, v_cmp, config, scale, return_lse, mask_mod, _num_chunks, _expand_heads)
     return (out, lse) if return_lse else out

@@ -80,9 +80,11 @@ VARIANTS = {
     # fwd_ prefix (compressed: Tc >= 2048 only); {"inductor": True}: no kernel_options at all
     "flex_cmp_train_fwd": [{}, {"inductor": True}],
     "flex_win_train_fwd": [{}, {"inductor": True}],
-    "selected_dkv": [{}, {"num_stages": 3}, {"ROWS": 32, "num_warps": 4}, {"ROWS": 32, "num_warps": 4, "num_stages": 3},
-                     {"num_warps": 8}, {"ROWS": 128}, {"ROWS": 128, "num_warps": 8},
-                     {"num_stages": 1}, {"CHUNK": 256}],
+    # SEGMENT: the dK/dV work items ordered by query segments of that many tokens (the programs running
+    # at one time then read the q/dO rows of one segment, from L2); CHUNK: queries per work item.
+    # (ROWS 32/128, 8 warps, 1 stage and CHUNK 256 alone were slower than the default in sweep-2.md)
+    "selected_dkv": [{}, {"SEGMENT": 1024}, {"SEGMENT": 2048}, {"SEGMENT": 4096}, {"SEGMENT": 8192},
+                     {"SEGMENT": 2048, "CHUNK": 256}, {"num_stages": 3}],
 }  # fmt: skip
 TUNING_KEY = {"select_split": "select_topn", "select_split_scores": "select_v2"}
 

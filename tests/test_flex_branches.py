@@ -120,7 +120,7 @@ def test_compressed_forward_matches_reference(s, cfg, dtype):
 @settings(max_examples=8)
 @given(shapes(max_t=520, min_t=129), configs(), st.integers(2, 5))
 def test_compressed_chunked_forward_is_exact(s, cfg, chunks):
-    """Query chunks folded into the batch (the CUDA backward layout) give the unchunked result."""
+    """Query chunks folded into the heads (the CUDA backward layout) give the unchunked result."""
     q, kc, vc = compressed_inputs(s, cfg)
     out, lse = fb.compressed_attention(
         q, kc, vc, cfg, return_lse=True, _path="flex_eager", _num_chunks=chunks
@@ -150,9 +150,10 @@ def test_compressed_expanded_heads_is_exact(s, cfg, chunks):
 
 
 @settings(max_examples=15)
-@given(st.integers(1, 2000), st.integers(0, 200), st.integers(1, 2), st.integers(1, 4), st.integers(1, 9))
-def test_compressed_chunked_block_tables(seq_len, num_cmp_cap, batch, chunks, stride_pow):
-    """The chunked BlockMask's tiles against the tiles of its mask_mod evaluated densely."""
+@given(st.integers(1, 2000), st.integers(0, 200), st.integers(1, 3), st.integers(1, 4), st.integers(1, 9))
+def test_compressed_chunked_block_tables(seq_len, num_cmp_cap, heads, chunks, stride_pow):
+    """The chunked BlockMask's tiles (one head per query head and chunk) against the tiles of its
+    mask_mod evaluated densely."""
     d = 2 ** (stride_pow % 4)
     cfg = flexnsa.NSAConfig(cmp_block=2 * d, cmp_stride=d, slc_block=4 * d)
     num_cmp = cfg.num_cmp_tokens(seq_len)
@@ -160,18 +161,24 @@ def test_compressed_chunked_block_tables(seq_len, num_cmp_cap, batch, chunks, st
         return
     C, Tq = fb._chunk_layout(seq_len, chunks)
     assert C * Tq >= seq_len and Tq % 128 == 0 or C == 1
-    bm = fb._compressed_block_mask(seq_len, num_cmp, cfg, batch, C, Tq, "cpu", None)
-    dense = evaluate_mask_mod(bm.mask_mod, Tq, num_cmp, bm.kv_num_blocks.shape[0], 1)  # [Bm, 1, Tq, Tc]
+    bm = fb._compressed_block_mask(seq_len, num_cmp, cfg, heads, C, Tq, "cpu", None)
+    Hm = bm.kv_num_blocks.shape[1]
+    assert bm.kv_num_blocks.shape[0] == 1 and Hm == (heads * C if C > 1 else 1)
+    dense = evaluate_mask_mod(bm.mask_mod, Tq, num_cmp, 1, Hm)  # [1, Hm, Tq, Tc]
+    for h in range(Hm):  # virtual head h: chunk h % C, raw rows (h % C) * Tq + [0, Tq)
+        rows = torch.arange(Tq) + (h % C) * Tq
+        expect = cfg.cmp_stride * torch.arange(num_cmp)[None, :] + cfg.cmp_block - 1 <= rows[:, None]
+        assert torch.equal(dense[0, h], expect)
     nqb, nkb = -(-Tq // 128), -(-num_cmp // 128)
-    padded = torch.zeros(dense.shape[0], 1, nqb * 128, nkb * 128, dtype=torch.int64)
+    padded = torch.zeros(1, Hm, nqb * 128, nkb * 128, dtype=torch.int64)
     padded[:, :, :Tq, :num_cmp] = dense.long()
-    tiles = padded.view(-1, 1, nqb, 128, nkb, 128).sum(dim=(3, 5))
+    tiles = padded.view(1, Hm, nqb, 128, nkb, 128).sum(dim=(3, 5))
     assert torch.equal(bm.to_dense().bool(), tiles > 0)
     full = torch.zeros_like(tiles, dtype=torch.bool)
-    for z in range(tiles.shape[0]):
+    for h in range(Hm):
         for r in range(nqb):
-            n = int(bm.full_kv_num_blocks[z, 0, r])
-            full[z, 0, r, bm.full_kv_indices[z, 0, r, :n].long()] = True
+            n = int(bm.full_kv_num_blocks[0, h, r])
+            full[0, h, r, bm.full_kv_indices[0, h, r, :n].long()] = True
     assert torch.equal(full, tiles == 128 * 128)
 
 
