@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .kernel_utils import dims_pad, head_tile, load_kv_block, mma, selection_strides, tuned, upcast_dots
-from .query_tiles import claim_tile, tile_plan, union_block
+from .query_tiles import claim_tile, tile_plan, union_block, union_head_rows, union_of_selections
 
 __all__ = ["selected_bwd_launch", "build_reverse_index", "use_ds_buffer", "DKV_CHUNK", "DS_BUFFER_MAX_BYTES"]
 
@@ -320,6 +320,85 @@ def _dq_ds_kernel(
         dq += mma(ds, kb, IEEE, UPCAST)
     dq_off = b * stride_qb + (g * G + h)[:, None] * stride_qh + t * stride_qt + dk[None, :]
     tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=head_ok[:, None] & (dk[None, :] < DK))
+
+
+@triton.jit
+def _dq_ds_union_kernel(
+    k_ptr,  # [B, HKV, T, DK]
+    idx_ptr,  # [B, HKV, T, N] int32/int64
+    ds_ptr,  # [B * HKV * T * N, DS_ROWS, BS_PAD], written by _dkv_kernel (STORE_DS)
+    dq_ptr,  # [B, HQ, T, DK] (output)
+    T,
+    HKV,
+    scale: tl.constexpr,
+    stride_qb,  # dq's strides
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    G: tl.constexpr,
+    G_ROWS: tl.constexpr,  # rows per query (power of two >= G, QT * G_ROWS >= 16)
+    DS_ROWS: tl.constexpr,
+    DK: tl.constexpr,
+    DK_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BS_PAD: tl.constexpr,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    QT: tl.constexpr,  # queries per program
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """:func:`_dq_ds_kernel` over tiles of QT consecutive queries: each distinct block of the tile's
+    selections (custom_ops/query_tiles.py) is loaded once for the ``QT * G_ROWS`` rows; a row reads
+    the dS of its query's slot holding that block (none if its query did not select it)."""
+    t0 = tl.program_id(0) * QT
+    pid_bg = tl.program_id(1).to(tl.int64)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    tq = (t0 + tl.arange(0, QT)).to(tl.int64)  # [QT]
+    slots = tl.arange(0, N_PAD)
+    idx_tile = tl.load(
+        idx_ptr + b * stride_ib + g * stride_ih + tq[:, None] * stride_it + slots[None, :],
+        mask=(tq < T)[:, None] & (slots < N)[None, :],
+        other=-1,
+    ).to(tl.int64)  # [QT, N_PAD]
+    flat, rank, num_blocks = union_of_selections(idx_tile, QT, N_PAD)
+
+    rows = tl.arange(0, QT * G_ROWS)
+    row_q = rows // G_ROWS  # [ROWS] query of the row within the tile
+    row_h = rows % G_ROWS
+    row_t = (t0 + row_q).to(tl.int64)  # [ROWS]
+    row_ok = (row_t < T) & (row_h < G)
+    qi = tl.arange(0, QT)
+    row_sel = qi[None, :] == row_q[:, None]  # [ROWS, QT]
+    dk = tl.arange(0, DK_PAD)
+    s_off = tl.arange(0, BS_PAD)
+    k_base = k_ptr + b * stride_kb + g * stride_kh
+    dq = tl.zeros((QT * G_ROWS, DK_PAD), tl.float32)
+    for u in range(num_blocks):
+        blk = tl.sum(tl.where(rank == u, flat, 0), axis=0)  # the u-th distinct block
+        match = idx_tile == blk  # [QT, N_PAD]: a query's slots hold distinct blocks
+        slot_q = tl.sum(tl.where(match, slots[None, :], 0), axis=1)  # [QT]
+        has_q = tl.sum(match.to(tl.int32), axis=1)  # [QT]
+        slot_row = tl.sum(tl.where(row_sel, slot_q[None, :], 0), axis=1).to(tl.int64)  # [ROWS]
+        has_row = tl.sum(tl.where(row_sel, has_q[None, :], 0), axis=1) > 0  # [ROWS]
+        pos = blk * BS + s_off  # [BS_PAD]
+        pos_ok = (s_off < BS) & (pos < T)
+        kb = tl.load(
+            k_base + pos[:, None] * stride_kt + dk[None, :], mask=pos_ok[:, None] & (dk[None, :] < DK), other=0.0
+        )  # [BS_PAD, DK_PAD]
+        entry = (pid_bg * T + row_t) * N + slot_row  # [ROWS] flat index slot of the row's query
+        ds_off = entry[:, None] * (DS_ROWS * BS_PAD) + row_h[:, None] * BS_PAD + s_off[None, :]
+        ds_ok = (row_ok & has_row)[:, None] & pos_ok[None, :] & (pos[None, :] <= row_t[:, None])
+        ds = tl.load(ds_ptr + ds_off, mask=ds_ok, other=0.0)  # [ROWS, BS_PAD]
+        dq += mma(ds, kb, IEEE, UPCAST)
+    dq_off = b * stride_qb + (g * G + row_h)[:, None] * stride_qh + row_t[:, None] * stride_qt + dk[None, :]
+    tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (dk[None, :] < DK))
 
 
 @triton.jit
@@ -601,6 +680,32 @@ def _dq_direct(launch, dq_opts, q, k, v, indices, out, grad_out, lse, dq, delta,
         )  # fmt: skip
 
 
+def _dq_from_ds(launch, k, indices, ds, dq, scale, G, g_pad, g_rows, n, shared):
+    """dq from the stored dS: tiles of ``QT`` queries over the union of their blocks
+    (``_dq_ds_union_kernel``), or one query per program (``QT = 1``, ``_dq_ds_kernel``).
+    ``TUNING["selected_dq_ds"]``: QT, num_warps, num_stages."""
+    B, HKV, T, _ = k.shape
+    opts = tuned("selected_dq_ds", QT=1, num_stages=2)
+    qt = opts.pop("QT")
+    if not isinstance(qt, int) or qt < 1 or qt & (qt - 1):
+        raise ValueError(f"TUNING['selected_dq_ds']['QT'] must be a power of two, got {qt!r}")
+    dims = dict(DS_ROWS=g_rows, DK=shared["DK"], DK_PAD=shared["DK_PAD"], BS=shared["BS"], BS_PAD=shared["BS_PAD"], N=n,
+                IEEE=shared["IEEE"], UPCAST=shared["UPCAST"])
+    strides = (*dq.stride()[:3], *k.stride()[:3], *indices.stride()[:3])
+    if qt == 1:  # 2 stages: H200, paper shape, whole selected backward 3.51 / 26.4 ms at 8k / 64k
+        # against 3.59 / 28.1 with 3 (perf/results/h200/sweep-7.md)
+        launch(_dq_ds_kernel)[(T, B * HKV)](
+            k, indices, ds, dq, T, HKV, scale, *strides, G=G, G_PAD=g_pad, **dims, **{"num_warps": 4, **opts},
+        )  # fmt: skip
+        return
+    rows = union_head_rows(G, qt)
+    warps = 2 if rows * qt * dims["DK_PAD"] <= 16 * 128 else (4 if rows * qt * dims["DK_PAD"] <= 64 * 128 else 8)
+    launch(_dq_ds_union_kernel)[(triton.cdiv(T, qt), B * HKV)](
+        k, indices, ds, dq, T, HKV, scale, *strides, G=G, G_ROWS=rows, N_PAD=triton.next_power_of_2(n), QT=qt,
+        **dims, **{"num_warps": warps, **opts},
+    )  # fmt: skip
+
+
 def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block: int, scale: float, atomic: bool):
     """Runs the backward kernels on contiguous inputs; returns ``(dq, dk, dv)`` in the input dtypes.
 
@@ -656,13 +761,8 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
         G_PAD=g_rows, QB=qb, ATOMIC=atomic, STORE_DS=ds_path, **dkv_opts,
         **shared,
     )  # fmt: skip
-    if ds_path:  # 2 stages: H200, paper shape, whole selected backward 3.51 / 26.4 ms at 8k / 64k against
-        # 3.59 / 28.1 with 3 (perf/results/h200/sweep-7.md)
-        launch(_dq_ds_kernel)[(T, B * HKV)](
-            k, indices, ds, dq, T, HKV, scale, *dq.stride()[:3], *k.stride()[:3], *indices.stride()[:3],
-            G=G, G_PAD=g_pad, DS_ROWS=g_rows, DK=Dk, DK_PAD=dk_pad, BS=slc_block, BS_PAD=bs_pad, N=n,
-            IEEE=shared["IEEE"], UPCAST=shared["UPCAST"], **tuned("selected_dq_ds", num_warps=4, num_stages=2),
-        )  # fmt: skip
+    if ds_path:
+        _dq_from_ds(launch, k, indices, ds, dq, scale, G, g_pad, g_rows, n, shared)
     if atomic:
         return dq, dk_out.to(k.dtype), dv_out.to(v.dtype)
 

@@ -54,8 +54,10 @@ VARIANTS = {
     # the whole selected backward; default: dq from the dK/dV kernel's stored dS; DS_BUFFER False (or any
     # tile key): the direct dq kernels
     "selected_dq": [{}, {"DS_BUFFER": False}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"num_warps": 2}],
-    # the dq-from-dS kernel's launch (TUNING["selected_dq_ds"])
-    "selected_dq_ds": [{}, {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 2}, {"num_warps": 8}],
+    # the dq-from-dS kernel's launch (TUNING["selected_dq_ds"]); QT > 1: tiles of QT queries over the
+    # union of their blocks (session 8: 3 stages, 2 or 8 warps slower than 2 stages on 4, sweep-7.md)
+    "selected_dq_ds": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}, {"QT": 4, "num_warps": 8}],
+    "selected_dq_ds_sg": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}],
     # the same kernels on the selections of correlated queries (each query the mean of 64 random ones,
     # rescaled): neighbours then share most blocks, as in trained models
     "selected_fwd_corr": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 8}],
@@ -208,6 +210,7 @@ def main() -> int:
             calls["selected_fwd_sg"] = lambda: custom_ops.selected_attention(sg["q"], sg["k"], sg["v"], sg["idx"], cfg, scale)
             calls["selected_dq_sg"] = lambda: torch.ops.flexnsa.selected_attention_backward(
                 sg["do"], sg["q"], sg["k"], sg["v"], sg["o"], sg["lse"], sg["idx"], cfg.slc_block, scale, True)
+            calls["selected_dq_ds_sg"] = calls["selected_dq_sg"]
         first_grads = {}  # backward kernels: (dq, dk, dv) of each kernel's first variant
         for name in args.kernels.split(","):
             for variant in VARIANTS[name]:

@@ -453,10 +453,12 @@ def test_interp_select_banded_block_scores(cmp_block, cmp_stride, slc_block, mon
 @settings(max_examples=15)
 @given(GROUPS, st.integers(1, 37).map(lambda t: 2 * t - 1), st.sampled_from([(16, 8), (24, 16), (8, 20)]),
        st.sampled_from([4, 8, 12]), st.integers(1, 4), LOW_DTYPES, st.booleans(), st.booleans(),
-       st.one_of(st.none(), st.integers(1, 40)), st.integers(0, 2**31 - 1))  # fmt: skip
-def test_interp_selected_attention_matches_reference(G, T, dims, block, n, dtype, atomic, ds_buffer, segment, seed):
+       st.one_of(st.none(), st.integers(1, 40)), st.sampled_from([1, 2, 4, 8]), st.integers(0, 2**31 - 1))  # fmt: skip
+def test_interp_selected_attention_matches_reference(G, T, dims, block, n, dtype, atomic, ds_buffer, segment, dq_qt,
+                                                     seed):  # fmt: skip
     """Forward (o, lse) and backward (dq, dk, dv), deterministic or atomic dK/dV, dq from the stored
-    dS or by the direct kernels, dK/dV work items in query segments or not, odd T, any indices."""
+    dS (``dq_qt`` queries per program) or by the direct kernels, dK/dV work items in query segments
+    or not, odd T, any indices."""
     from flexnsa.custom_ops import kernel_utils
 
     Dk, Dv = dims
@@ -469,6 +471,7 @@ def test_interp_selected_attention_matches_reference(G, T, dims, block, n, dtype
             mp.setenv(key, value)
         mp.setitem(kernel_utils.TUNING, "selected_dq", {"DS_BUFFER": ds_buffer})
         mp.setitem(kernel_utils.TUNING, "selected_dkv", {"SEGMENT": segment})
+        mp.setitem(kernel_utils.TUNING, "selected_dq_ds", {"QT": dq_qt})
         check_attention(q, k, v, idx, cfg, seed)
 
 
@@ -533,12 +536,12 @@ EDGE_CASES = [  # G, T, (Dk, Dv), l', n, dtype, query rows per step, index dtype
 
 
 @interp_only
-@pytest.mark.parametrize("ds_buffer", [True, False])
+@pytest.mark.parametrize("ds_buffer, dq_qt", [(True, 1), (True, 4), (False, 1)])
 @pytest.mark.parametrize("G, T, dims, block, n, dtype, rows, idx_dtype", EDGE_CASES)
-def test_interp_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, ds_buffer, monkeypatch):
+def test_interp_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, ds_buffer, dq_qt, monkeypatch):
     """The default kernels on the edge cases above (two KV groups; dK/dV work items of 2 queries,
     ``rows`` query rows per dK/dV step; atomic dK/dV for the bfloat16 cases; dq from the stored dS or
-    by the direct kernels), run under ``torch.use_deterministic_algorithms(True)`` (which fills
+    by the direct kernels; from dS one query or 4 per program), run under ``torch.use_deterministic_algorithms(True)`` (which fills
     ``torch.empty`` with NaN, so a read of an unwritten partial or dS row shows): against the reference, and keyless queries get exactly ``o = 0``,
     ``lse = -inf``, ``dq = 0``."""
     from flexnsa.custom_ops import kernel_utils
@@ -552,6 +555,7 @@ def test_interp_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, ds_buff
     # query segments of 5 tokens for the dK/dV work items with the dS buffer, one segment without
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 2, "ROWS": rows, "SEGMENT": 5 if ds_buffer else None})
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"DS_BUFFER": ds_buffer})
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq_ds", {"QT": dq_qt})
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(dtype != torch.bfloat16)
     try:
@@ -873,6 +877,11 @@ def test_gpu_kernels_match_reference(G, dims, dtype, atomic, monkeypatch):
         monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": qt, "MAX_UNION": max_union})
         check_attention(q, k, v, idx, cfg)
         check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=2, device="cuda"), cfg)
+    # dq from dS over 4-query union tiles, dK/dV work items in query segments of 100 tokens
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {})
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq_ds", {"QT": 4})
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"SEGMENT": 100})
+    check_attention(q, k, v, idx, cfg)
 
 
 @pytest.mark.gpu
