@@ -48,9 +48,19 @@ import triton.language as tl
 from .kernel_utils import dims_pad, head_tile, load_kv_block, mma, selection_strides, tuned, upcast_dots
 from .query_tiles import claim_tile, tile_plan, union_block, union_head_rows, union_of_selections
 
-__all__ = ["selected_bwd_launch", "build_reverse_index", "use_ds_buffer", "DKV_CHUNK", "DS_BUFFER_MAX_BYTES"]
+__all__ = ["selected_bwd_launch", "build_reverse_index", "use_ds_buffer", "dkv_chunk", "DKV_CHUNK", "DS_BUFFER_MAX_BYTES"]
 
-DKV_CHUNK = 1024  # queries per dK/dV work item
+DKV_CHUNK = 1024  # most queries per dK/dV work item (see dkv_chunk)
+_DKV_TARGET_ITEMS = 2048  # work items wanted per call (H200: 132 SMs x 2 programs, ~8 waves)
+
+
+def dkv_chunk(num_entries: int) -> int:
+    """Queries per dK/dV work item for ``num_entries`` index slots: the power of two in [256, 1024]
+    nearest below ``num_entries / 2048``, so that short sequences still get enough work items to
+    balance the programs (H200, paper shape, whole selected backward: 256 ran 3.27 against 3.71 ms
+    at 8k with 2048-token segments; 1024 ran 25.8 against 27.5 ms for 256 at 64k, sweep-8.md)."""
+    wanted = max(1, num_entries // _DKV_TARGET_ITEMS)
+    return max(256, min(DKV_CHUNK, 1 << (wanted.bit_length() - 1)))
 
 
 @triton.jit
@@ -685,7 +695,10 @@ def _dq_from_ds(launch, k, indices, ds, dq, scale, G, g_pad, g_rows, n, shared):
     (``_dq_ds_union_kernel``), or one query per program (``QT = 1``, ``_dq_ds_kernel``).
     ``TUNING["selected_dq_ds"]``: QT, num_warps, num_stages."""
     B, HKV, T, _ = k.shape
-    opts = tuned("selected_dq_ds", QT=1, num_stages=2)
+    # tiles of 4 queries when they fit the 16 rows one query's tile has anyway (G <= 4): H200, small-group
+    # shape (G = 4), whole selected backward 2.74 against 3.36 ms at 8k, 24.8 against 25.8 at 64k; for
+    # G = 16 (64-row tiles) slower: 3.96 against 3.52 ms at 8k (sweep-8.md)
+    opts = tuned("selected_dq_ds", QT=4 if 4 * union_head_rows(G, 4) <= g_pad else 1, num_stages=2)
     qt = opts.pop("QT")
     if not isinstance(qt, int) or qt < 1 or qt & (qt - 1):
         raise ValueError(f"TUNING['selected_dq_ds']['QT'] must be a power of two, got {qt!r}")
@@ -738,7 +751,7 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
 
     # 4 warps: 8 warps needed 207 registers (one CTA per SM, latency-bound); 4 warps ran the whole
     # backward 1.46x faster at 64k on the H200 (perf/NOTES.md, sweep)
-    dkv_opts = tuned("selected_dkv", num_warps=4, num_stages=2, ROWS=64, CHUNK=DKV_CHUNK, SEGMENT=None)
+    dkv_opts = tuned("selected_dkv", num_warps=4, num_stages=2, ROWS=64, CHUNK=dkv_chunk(B * HKV * T * n), SEGMENT=None)
     rev = build_reverse_index(indices, nb, dkv_opts.pop("CHUNK"), dkv_opts.pop("SEGMENT"))
     qb = max(1, dkv_opts.pop("ROWS") // g_rows)
     if atomic:

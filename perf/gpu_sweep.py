@@ -57,7 +57,7 @@ VARIANTS = {
     # the dq-from-dS kernel's launch (TUNING["selected_dq_ds"]); QT > 1: tiles of QT queries over the
     # union of their blocks (session 8: 3 stages, 2 or 8 warps slower than 2 stages on 4, sweep-7.md)
     "selected_dq_ds": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}, {"QT": 4, "num_warps": 8}],
-    "selected_dq_ds_sg": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}],
+    "selected_dq_ds_sg": [{}, {"QT": 1}, {"QT": 2}, {"QT": 8}],
     # the same kernels on the selections of correlated queries (each query the mean of 64 random ones,
     # rescaled): neighbours then share most blocks, as in trained models
     "selected_fwd_corr": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 8}],
@@ -84,9 +84,9 @@ VARIANTS = {
     "flex_win_train_fwd": [{}, {"inductor": True}],
     # SEGMENT: the dK/dV work items ordered by query segments of that many tokens (the programs running
     # at one time then read the q/dO rows of one segment, from L2); CHUNK: queries per work item.
-    # (ROWS 32/128, 8 warps, 1 stage and CHUNK 256 alone were slower than the default in sweep-2.md)
-    "selected_dkv": [{}, {"SEGMENT": 1024}, {"SEGMENT": 2048}, {"SEGMENT": 4096}, {"SEGMENT": 8192},
-                     {"SEGMENT": 2048, "CHUNK": 256}, {"num_stages": 3}],
+    # (ROWS 32/128, 8 warps, 1 stage and CHUNK 256 were slower than the default at 64k in sweep-2.md;
+    # session 8: SEGMENT 1024-8192 slower at 8k and 64k, SEGMENT 2048 + CHUNK 256 faster at 8k, sweep-8.md)
+    "selected_dkv": [{}, {"CHUNK": 1024}, {"CHUNK": 256}, {"SEGMENT": 2048, "CHUNK": 256}, {"SEGMENT": 8192}],
 }  # fmt: skip
 TUNING_KEY = {"select_split": "select_topn", "select_split_scores": "select_v2"}
 

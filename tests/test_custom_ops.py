@@ -699,6 +699,13 @@ def test_tuning_options_reach_the_kernels(monkeypatch):
     assert launches["_dkv_kernel"]["STORE_DS"] and launches["_dq_ds_kernel"]["grid"] == (T, B * HKV)
     dq_ds = launches["_dq_ds_kernel"]
     assert (dq_ds["num_warps"], dq_ds["num_stages"], dq_ds["DS_ROWS"], dq_ds["G_PAD"]) == (2, 4, 16, 16)
+    # G = 4: 4-query union tiles by default (16 rows, as one query's padded tile)
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dq_ds", {})
+    launches.clear()
+    q4, o4, lse4 = q[:, : HKV * 4], o[:, : HKV * 4], lse[:, : HKV * 4]
+    selected_bwd_launch(RecordingLaunch, o4, q4, k, v, o4, lse4, idx, 8, 0.25, atomic=False)
+    union = launches["_dq_ds_union_kernel"]
+    assert (union["QT"], union["G_ROWS"], union["grid"]) == (4, 4, (T // 4, B * HKV)) and "_dq_ds_kernel" not in launches
     # one-query kernel only; a union-tile option does not leak into its launch
     monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"QT": 1, "union_rows": 16})
     launches.clear()
@@ -720,6 +727,14 @@ def test_ds_buffer_choice():
     assert use_ds_buffer(options, 1) and options == {"num_warps": 4}  # the key is consumed
     with pytest.raises(ValueError, match="DS_BUFFER"):
         use_ds_buffer({"DS_BUFFER": 1}, 1)
+
+
+def test_dkv_work_item_size():
+    """Work items of 256-1024 queries, a power of two, ~2048 items per call where that range allows."""
+    from flexnsa.custom_ops.selected_bwd import dkv_chunk
+
+    assert [dkv_chunk(4 * T * 16) for T in (1, 1000, 8192, 16384, 32768, 65536, 1 << 20)] == [
+        256, 256, 256, 512, 1024, 1024, 1024]
 
 
 def _separate_ops(q, k, v, idx, o_cmp, o_win, gates, cfg):
