@@ -57,8 +57,9 @@ _DKV_TARGET_ITEMS = 2048  # work items wanted per call (H200: 132 SMs x 2 progra
 def dkv_chunk(num_entries: int) -> int:
     """Queries per dK/dV work item for ``num_entries`` index slots: the power of two in [256, 1024]
     nearest below ``num_entries / 2048``, so that short sequences still get enough work items to
-    balance the programs (H200, paper shape, whole selected backward: 256 ran 3.27 against 3.71 ms
-    at 8k with 2048-token segments; 1024 ran 25.8 against 27.5 ms for 256 at 64k, sweep-8.md)."""
+    balance the programs (H200, paper shape, whole selected backward: 256 ran 3.34 against 3.53 ms
+    for 1024 at 8k; at 64k 1024 ran 25.8 against 27.5 ms for 256 with 2048-token segments; session 8,
+    perf/results/h200/sweep-8.md)."""
     wanted = max(1, num_entries // _DKV_TARGET_ITEMS)
     return max(256, min(DKV_CHUNK, 1 << (wanted.bit_length() - 1)))
 
@@ -611,6 +612,8 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
     from L2 rather than HBM). All shapes are static.
     """
     B, HKV, T, n = indices.shape
+    if B * HKV * T * n >= 2**31:  # entries and item bounds are int32
+        raise ValueError(f"indices has {B * HKV * T * n} slots; the selected backward supports fewer than 2**31")
     device = indices.device
     num_keys = B * HKV * num_blocks
     seg_len = T if segment is None else max(1, min(int(segment), T))

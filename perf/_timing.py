@@ -24,16 +24,29 @@ def median_ms(
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     cpu_reps: int = 5,
+    min_reps: int = 10,
 ) -> float:
     """Median milliseconds of ``fn()``, after warm-up, with the ``.grad`` of ``leaves`` set to None
     before each run (so a forward+backward never accumulates into an existing gradient).
 
     CUDA: ``triton.testing.do_bench(..., return_mode="median")`` (it also flushes the L2 cache
-    between runs). CPU: one warm-up call, then the median of ``cpu_reps`` timed calls.
+    between runs) over at least ``min_reps`` timed calls (its ``rep`` budget raised for long calls).
+    CPU: one warm-up call, then the median of ``cpu_reps`` timed calls.
     """
     if device.type == "cuda":
         from triton.testing import do_bench
 
+        # do_bench runs rep_ms / (its estimate) timed calls: a single one for a 124 ms call at the
+        # default 100 ms. One timed call here sizes the budget so that at least min_reps are taken.
+        _reset_grads(leaves)
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _reset_grads(leaves)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        rep_ms = max(rep_ms, min_reps * start.elapsed_time(end))
         _reset_grads(leaves)
         ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(leaves), return_mode="median")
         _reset_grads(leaves)

@@ -55,7 +55,8 @@ VARIANTS = {
     # tile key): the direct dq kernels
     "selected_dq": [{}, {"DS_BUFFER": False}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"num_warps": 2}],
     # the dq-from-dS kernel's launch (TUNING["selected_dq_ds"]); QT > 1: tiles of QT queries over the
-    # union of their blocks (session 8: 3 stages, 2 or 8 warps slower than 2 stages on 4, sweep-7.md)
+    # union of their blocks (session 8, sweep-7.md: 2 stages on 4 warps the best at 64k; 2 warps 3.47 against
+    # 3.51 ms at 8k but 27.7 against 26.4 at 64k)
     "selected_dq_ds": [{}, {"QT": 2}, {"QT": 4}, {"QT": 8}, {"QT": 4, "num_warps": 8}],
     "selected_dq_ds_sg": [{}, {"QT": 1}, {"QT": 2}, {"QT": 8}],
     # the same kernels on the selections of correlated queries (each query the mean of 64 random ones,

@@ -303,6 +303,12 @@ def test_reverse_index_covers_every_slot_once(case):
     assert int(rev["num_items"].sum()) <= rev["max_items"]
 
 
+def test_reverse_index_refuses_2_31_slots():
+    """int32 entries: a selection of 2**31 slots or more is refused (a meta tensor, nothing allocated)."""
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        build_reverse_index(torch.empty(1, 1, 2**27, 16, dtype=torch.int32, device="meta"), 2**21)
+
+
 def test_dkv_atomics_only_when_allowed(monkeypatch):
     monkeypatch.delenv("FLEXNSA_DKV_ATOMIC", raising=False)
     assert not ops.dkv_atomic_allowed()
