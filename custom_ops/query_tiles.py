@@ -111,19 +111,41 @@ def union_block(u, flat, rank, idx_tile, row_q, QT: tl.constexpr):
 
 
 @triton.jit
+def union_block_slot(u, flat, rank, idx_tile, row_q, QT: tl.constexpr, N_PAD: tl.constexpr):
+    """:func:`union_block` plus, per query row, the slot of its query holding the block (0 where
+    ``has_row`` is False; a query's slots hold distinct blocks): ``(blk, has_row, slot_row [ROWS])``."""
+    blk = tl.sum(tl.where(rank == u, flat, 0), axis=0)  # the u-th distinct block
+    match = idx_tile == blk  # [QT, N_PAD]
+    slot_q = tl.sum(tl.where(match, tl.arange(0, N_PAD)[None, :], 0), axis=1)  # [QT]
+    has_q = tl.sum(match.to(tl.int32), axis=1)  # [QT]
+    row_sel = tl.arange(0, QT)[None, :] == row_q[:, None]  # [ROWS, QT]
+    slot_row = tl.sum(tl.where(row_sel, slot_q[None, :], 0), axis=1).to(tl.int64)  # [ROWS]
+    has_row = tl.sum(tl.where(row_sel, has_q[None, :], 0), axis=1) > 0  # [ROWS]
+    return blk, has_row, slot_row
+
+
+@triton.jit
+def load_tile_selections(idx_ptr, b, g, t0, T, stride_ib, stride_ih, stride_it,
+                         QT: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr):  # fmt: skip
+    """``idx_tile [QT, N_PAD]`` int64: the selections of queries ``t0 .. t0 + QT - 1`` of group
+    ``(b, g)`` in ``idx [B, HKV, T, N]``, ``-1`` past ``T`` and in the padding slots."""
+    tq = (t0 + tl.arange(0, QT)).to(tl.int64)  # [QT]
+    slots = tl.arange(0, N_PAD)
+    return tl.load(
+        idx_ptr + b * stride_ib + g * stride_ih + tq[:, None] * stride_it + slots[None, :],
+        mask=(tq < T)[:, None] & (slots < N)[None, :],
+        other=-1,
+    ).to(tl.int64)  # [QT, N_PAD]
+
+
+@triton.jit
 def claim_tile(idx_ptr, done_ptr, b, g, pid_bg, t0, T, stride_ib, stride_ih, stride_it,
                QT: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, MAX_UNION: tl.constexpr):  # fmt: skip
     """Loads the selections of the tile of queries ``t0 .. t0 + QT - 1`` (``idx [B, HKV, T, N]``,
     ``-1`` past T), computes their union (:func:`union_of_selections`) and flags in ``done_ptr``
     (``int8 [B * HKV, cdiv(T, QT)]``) whether the union kernel takes the tile (at most MAX_UNION
     distinct blocks). Returns ``(take, idx_tile, flat, rank, num_blocks)``."""
-    tq = (t0 + tl.arange(0, QT)).to(tl.int64)  # [QT]
-    slots = tl.arange(0, N_PAD)
-    idx_tile = tl.load(
-        idx_ptr + b * stride_ib + g * stride_ih + tq[:, None] * stride_it + slots[None, :],
-        mask=(tq < T)[:, None] & (slots < N)[None, :],
-        other=-1,
-    ).to(tl.int64)  # [QT, N_PAD]
+    idx_tile = load_tile_selections(idx_ptr, b, g, t0, T, stride_ib, stride_ih, stride_it, QT, N, N_PAD)
     flat, rank, num_blocks = union_of_selections(idx_tile, QT, N_PAD)
     take = num_blocks <= MAX_UNION
     tl.store(done_ptr + pid_bg * tl.cdiv(T, QT) + t0 // QT, take.to(tl.int8))

@@ -46,7 +46,8 @@ import triton
 import triton.language as tl
 
 from .kernel_utils import dims_pad, head_tile, load_kv_block, mma, selection_strides, tuned, upcast_dots
-from .query_tiles import claim_tile, tile_plan, union_block, union_head_rows, union_of_selections
+from .query_tiles import (claim_tile, load_tile_selections, tile_plan, union_block, union_block_slot, union_head_rows,
+                          union_of_selections)
 
 __all__ = ["selected_bwd_launch", "build_reverse_index", "use_ds_buffer", "dkv_chunk", "DKV_CHUNK", "DS_BUFFER_MAX_BYTES"]
 
@@ -58,8 +59,8 @@ def dkv_chunk(num_entries: int) -> int:
     """Queries per dK/dV work item for ``num_entries`` index slots: the power of two in [256, 1024]
     nearest below ``num_entries / 2048``, so that short sequences still get enough work items to
     balance the programs (H200, paper shape, whole selected backward: 256 ran 3.34 against 3.53 ms
-    for 1024 at 8k; at 64k 1024 ran 25.8 against 27.5 ms for 256 with 2048-token segments; session 8,
-    perf/results/h200/sweep-8.md)."""
+    for 1024 at 8k; at 64k 256 was slower, 31.8 against 31.1 ms, perf/results/h200/sweep-2.md;
+    session 8, perf/results/h200/sweep-8.md)."""
     wanted = max(1, num_entries // _DKV_TARGET_ITEMS)
     return max(256, min(DKV_CHUNK, 1 << (wanted.bit_length() - 1)))
 
@@ -371,13 +372,7 @@ def _dq_ds_union_kernel(
     pid_bg = tl.program_id(1).to(tl.int64)
     b = pid_bg // HKV
     g = pid_bg % HKV
-    tq = (t0 + tl.arange(0, QT)).to(tl.int64)  # [QT]
-    slots = tl.arange(0, N_PAD)
-    idx_tile = tl.load(
-        idx_ptr + b * stride_ib + g * stride_ih + tq[:, None] * stride_it + slots[None, :],
-        mask=(tq < T)[:, None] & (slots < N)[None, :],
-        other=-1,
-    ).to(tl.int64)  # [QT, N_PAD]
+    idx_tile = load_tile_selections(idx_ptr, b, g, t0, T, stride_ib, stride_ih, stride_it, QT, N, N_PAD)
     flat, rank, num_blocks = union_of_selections(idx_tile, QT, N_PAD)
 
     rows = tl.arange(0, QT * G_ROWS)
@@ -385,19 +380,12 @@ def _dq_ds_union_kernel(
     row_h = rows % G_ROWS
     row_t = (t0 + row_q).to(tl.int64)  # [ROWS]
     row_ok = (row_t < T) & (row_h < G)
-    qi = tl.arange(0, QT)
-    row_sel = qi[None, :] == row_q[:, None]  # [ROWS, QT]
     dk = tl.arange(0, DK_PAD)
     s_off = tl.arange(0, BS_PAD)
     k_base = k_ptr + b * stride_kb + g * stride_kh
     dq = tl.zeros((QT * G_ROWS, DK_PAD), tl.float32)
     for u in range(num_blocks):
-        blk = tl.sum(tl.where(rank == u, flat, 0), axis=0)  # the u-th distinct block
-        match = idx_tile == blk  # [QT, N_PAD]: a query's slots hold distinct blocks
-        slot_q = tl.sum(tl.where(match, slots[None, :], 0), axis=1)  # [QT]
-        has_q = tl.sum(match.to(tl.int32), axis=1)  # [QT]
-        slot_row = tl.sum(tl.where(row_sel, slot_q[None, :], 0), axis=1).to(tl.int64)  # [ROWS]
-        has_row = tl.sum(tl.where(row_sel, has_q[None, :], 0), axis=1) > 0  # [ROWS]
+        blk, has_row, slot_row = union_block_slot(u, flat, rank, idx_tile, row_q, QT, N_PAD)
         pos = blk * BS + s_off  # [BS_PAD]
         pos_ok = (s_off < BS) & (pos < T)
         kb = tl.load(
@@ -421,7 +409,7 @@ def _dkv_kernel(
     lse_ptr,
     delta_ptr,
     entry_t_ptr,  # [L] int32: query of each sorted index entry
-    item_key_ptr,  # [W] int32: segment * NUM_KEYS + (b * HKV + g) * NB + block, >= NUM_CKEYS for an empty item
+    item_key_ptr,  # [W] int32: (b * HKV + g) * NB + block, or >= NUM_KEYS for an empty item
     item_start_ptr,  # [W] int32: first entry of the item
     item_end_ptr,  # [W] int32: one past its last entry
     dk_out_ptr,  # float32: [W, BS_PAD, DK_PAD] partials, or [B, HKV, T, DK] accumulator (ATOMIC)
@@ -432,7 +420,6 @@ def _dkv_kernel(
     HKV,
     NB,
     NUM_KEYS,
-    NUM_CKEYS,  # NUM_KEYS * query segments
     scale: tl.constexpr,  # constexpr: inductor would pass a python float as an fp64 scalar
     stride_qb,
     stride_qh,
@@ -467,9 +454,8 @@ def _dkv_kernel(
     ``entry_pos[e] = ((b * HKV + g) * T + t) * N + slot``) stores its ``dS [G_PAD, BS_PAD]`` at row
     ``entry_pos[e]`` of ``ds``; rows of padded heads and keys after the query hold zeros."""
     w = tl.program_id(0).to(tl.int64)
-    ckey = tl.load(item_key_ptr + w)
-    if ckey < NUM_CKEYS:
-        key = ckey % NUM_KEYS
+    key = tl.load(item_key_ptr + w)
+    if key < NUM_KEYS:
         start = tl.load(item_start_ptr + w)
         end = tl.load(item_end_ptr + w)
         bg = key // NB
@@ -542,15 +528,13 @@ def _dkv_kernel(
 def _dkv_reduce_kernel(
     dk_part_ptr,  # [W, BS_PAD, DK_PAD] float32
     dv_part_ptr,
-    first_item_ptr,  # [NUM_SEG * NUM_KEYS] int32, index segment * NUM_KEYS + key
-    num_items_ptr,  # [NUM_SEG * NUM_KEYS] int32
+    first_item_ptr,  # [NUM_KEYS] int32
+    num_items_ptr,  # [NUM_KEYS] int32
     dk_ptr,  # [B, HKV, T, DK] (output)
     dv_ptr,
     T,
     HKV,
     NB,
-    NUM_KEYS,
-    NUM_SEG,
     stride_kb,
     stride_kh,
     stride_kt,
@@ -564,25 +548,23 @@ def _dkv_reduce_kernel(
     BS: tl.constexpr,
     BS_PAD: tl.constexpr,
 ):
-    """dK/dV of one block: the sum of its work items' partials, segment by segment, each segment's
-    items in order (a fixed order: deterministic)."""
+    """dK/dV of one block: the sum of its work items' partials in order (deterministic)."""
     key = tl.program_id(0)
     bg = key // NB
     blk = (key % NB).to(tl.int64)
     b = (bg // HKV).to(tl.int64)
     g = (bg % HKV).to(tl.int64)
+    first = tl.load(first_item_ptr + key).to(tl.int64)
+    count = tl.load(num_items_ptr + key)
     s_off = tl.arange(0, BS_PAD)
     dk_off = tl.arange(0, DK_PAD)
     dv_off = tl.arange(0, DV_PAD)
     dk_acc = tl.zeros((BS_PAD, DK_PAD), tl.float32)
     dv_acc = tl.zeros((BS_PAD, DV_PAD), tl.float32)
-    for seg in range(NUM_SEG):
-        first = tl.load(first_item_ptr + seg * NUM_KEYS + key).to(tl.int64)
-        count = tl.load(num_items_ptr + seg * NUM_KEYS + key)
-        for i in range(count):
-            item = first + i
-            dk_acc += tl.load(dk_part_ptr + item * (BS_PAD * DK_PAD) + s_off[:, None] * DK_PAD + dk_off[None, :])
-            dv_acc += tl.load(dv_part_ptr + item * (BS_PAD * DV_PAD) + s_off[:, None] * DV_PAD + dv_off[None, :])
+    for i in range(count):  # fixed order: deterministic
+        item = first + i
+        dk_acc += tl.load(dk_part_ptr + item * (BS_PAD * DK_PAD) + s_off[:, None] * DK_PAD + dk_off[None, :])
+        dv_acc += tl.load(dv_part_ptr + item * (BS_PAD * DV_PAD) + s_off[:, None] * DV_PAD + dv_off[None, :])
     pos = blk * BS + s_off
     pos_ok = (s_off < BS) & (pos < T)
     tl.store(
@@ -597,46 +579,38 @@ def _dkv_reduce_kernel(
     )
 
 
-def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV_CHUNK, segment: int | None = None) -> dict:
+def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV_CHUNK) -> dict:
     """Block -> queries index of a selection ``[B, HKV, T, n]`` (``-1`` = unused), by torch ops.
 
-    The queries are cut into segments of ``segment`` tokens (one segment of ``T`` when None).
-    Composite keys ``segment_id * NUM_KEYS + (b * HKV + g) * NB + block`` of all slots are stably
-    sorted; ``entry_t[e]`` is the query of sorted entry ``e`` (``entry_pos[e]`` its flat position in
-    ``indices``: ``((b * HKV + g) * T + t) * n + slot``), and composite key ``c`` owns entries
-    ``[offsets[c], offsets[c+1])``. Each key's list is cut into ``ceil(len / chunk)`` work items
-    (none for an empty list); item ``w`` covers entries ``[item_start[w], item_end[w])`` of composite
-    key ``item_key[w]`` (``>= num_ckeys``: nothing to do). Composite key ``c``'s items are
-    ``first_item[c] .. first_item[c] + num_items[c] - 1``. Items come segment by segment, so the
-    programs running at one time read the queries of one segment (their q and dO rows then come
-    from L2 rather than HBM). All shapes are static.
+    Keys ``(b * HKV + g) * NB + block`` of all slots are stably sorted; ``entry_t[e]`` is the query
+    of sorted entry ``e`` (``entry_pos[e]`` its flat position in ``indices``: ``((b * HKV + g) * T + t)
+    * n + slot``), and key ``k`` owns entries ``[offsets[k], offsets[k+1])``. Each key's list is cut
+    into ``ceil(len / chunk)`` work items (none for an empty list); item ``w`` covers entries
+    ``[item_start[w], item_end[w])`` of key ``item_key[w]`` (``>= NUM_KEYS``: nothing to do). Key
+    ``k``'s items are ``first_item[k] .. first_item[k] + num_items[k] - 1``. All shapes are static.
     """
     B, HKV, T, n = indices.shape
     if B * HKV * T * n >= 2**31:  # entries and item bounds are int32
         raise ValueError(f"indices has {B * HKV * T * n} slots; the selected backward supports fewer than 2**31")
     device = indices.device
     num_keys = B * HKV * num_blocks
-    seg_len = T if segment is None else max(1, min(int(segment), T))
-    num_seg = -(-T // seg_len)
-    num_ckeys = num_seg * num_keys
     total = B * HKV * T * n
     flat = indices.reshape(B * HKV, T * n).to(torch.int32)  # [B * HKV, T * n]
     group = torch.arange(B * HKV, device=device, dtype=torch.int32)[:, None]  # b * HKV + g
-    seg_id = (torch.arange(T * n, device=device, dtype=torch.int32) // (n * seg_len))[None, :]  # [1, T * n]
-    ckeys = torch.where(flat >= 0, seg_id * num_keys + group * num_blocks + flat, num_ckeys).reshape(-1)  # [L]
-    sorted_keys, order = torch.sort(ckeys, stable=True)  # [L], invalid slots last
+    keys = torch.where(flat >= 0, group * num_blocks + flat, num_keys).reshape(-1)  # [L], invalid slots last
+    sorted_keys, order = torch.sort(keys, stable=True)  # [L]
     entry_t = ((order // n) % T).to(torch.int32)  # [L]
-    entry_pos = order.to(torch.int32)  # [L] flat index slot of each entry (L = B * HKV * T * n < 2**31)
-    bounds = torch.arange(num_ckeys + 1, device=device, dtype=sorted_keys.dtype)
-    offsets = torch.searchsorted(sorted_keys, bounds)  # [NUM_CKEYS + 1]
-    counts = offsets[1:] - offsets[:-1]  # [NUM_CKEYS]
-    num_items = (counts + chunk - 1) // chunk  # [NUM_CKEYS]
-    items_end = torch.cumsum(num_items, 0)  # [NUM_CKEYS] inclusive
+    entry_pos = order.to(torch.int32)  # [L] flat index slot of each entry
+    bounds = torch.arange(num_keys + 1, device=device, dtype=sorted_keys.dtype)
+    offsets = torch.searchsorted(sorted_keys, bounds)  # [NUM_KEYS + 1]
+    counts = offsets[1:] - offsets[:-1]  # [NUM_KEYS]
+    num_items = (counts + chunk - 1) // chunk  # [NUM_KEYS]
+    items_end = torch.cumsum(num_items, 0)  # [NUM_KEYS] inclusive
     first_item = items_end - num_items
-    max_items = max(1, min(num_ckeys, total) + total // chunk)  # static bound on sum(num_items)
+    max_items = max(1, min(num_keys, total) + total // chunk)  # static bound on sum(num_items)
     w = torch.arange(max_items, device=device)
-    item_key = torch.searchsorted(items_end, w, right=True)  # [W], == NUM_CKEYS past the last item
-    key_c = torch.clamp(item_key, max=num_ckeys - 1)
+    item_key = torch.searchsorted(items_end, w, right=True)  # [W], == NUM_KEYS past the last item
+    key_c = torch.clamp(item_key, max=num_keys - 1)
     start = offsets[key_c] + (w - first_item[key_c]) * chunk
     end = torch.minimum(start + chunk, offsets[key_c + 1])
     return dict(
@@ -648,8 +622,6 @@ def build_reverse_index(indices: torch.Tensor, num_blocks: int, chunk: int = DKV
         first_item=first_item.to(torch.int32),
         num_items=num_items.to(torch.int32),
         num_keys=num_keys,
-        num_ckeys=num_ckeys,
-        num_segments=num_seg,
         max_items=max_items,
     )
 
@@ -754,8 +726,8 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
 
     # 4 warps: 8 warps needed 207 registers (one CTA per SM, latency-bound); 4 warps ran the whole
     # backward 1.46x faster at 64k on the H200 (perf/NOTES.md, sweep)
-    dkv_opts = tuned("selected_dkv", num_warps=4, num_stages=2, ROWS=64, CHUNK=dkv_chunk(B * HKV * T * n), SEGMENT=None)
-    rev = build_reverse_index(indices, nb, dkv_opts.pop("CHUNK"), dkv_opts.pop("SEGMENT"))
+    dkv_opts = tuned("selected_dkv", num_warps=4, num_stages=2, ROWS=64, CHUNK=dkv_chunk(B * HKV * T * n))
+    rev = build_reverse_index(indices, nb, dkv_opts.pop("CHUNK"))
     qb = max(1, dkv_opts.pop("ROWS") // g_rows)
     if atomic:
         dk_out = torch.zeros(B, HKV, T, Dk, dtype=torch.float32, device=q.device)  # [B, HKV, T, Dk]
@@ -768,7 +740,7 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     launch(_dkv_kernel)[(rev["max_items"],)](
         q, k, v, grad_out, lse, delta,
         rev["entry_t"], rev["item_key"], rev["item_start"], rev["item_end"],
-        dk_out, dv_out, rev["entry_pos"], ds, T, HKV, nb, rev["num_keys"], rev["num_ckeys"], scale,
+        dk_out, dv_out, rev["entry_pos"], ds, T, HKV, nb, rev["num_keys"], scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -785,7 +757,7 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     dk = torch.empty_like(k)  # [B, HKV, T, Dk]
     dv = torch.empty_like(v)  # [B, HKV, T, Dv]
     launch(_dkv_reduce_kernel)[(rev["num_keys"],)](
-        dk_out, dv_out, rev["first_item"], rev["num_items"], dk, dv, T, HKV, nb, rev["num_keys"], rev["num_segments"],
+        dk_out, dv_out, rev["first_item"], rev["num_items"], dk, dv, T, HKV, nb,
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         DK=Dk, DK_PAD=dk_pad, DV=Dv, DV_PAD=dv_pad, BS=slc_block, BS_PAD=bs_pad,

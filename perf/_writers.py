@@ -104,7 +104,7 @@ def _ms(ms: float) -> str:
     return f"{ms:.4g}" if ms < 100 else f"{ms:.0f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     return out
@@ -133,7 +133,7 @@ def _speedup_tables(run: dict, notes: _Footnotes) -> list[str]:
                         cell += f" ({base['ms'] / nsa['ms']:.2f}x)"
                     row.append(cell)
                 rows.append(row)
-        lines += _table(header, rows)
+        lines += markdown_table(header, rows)
     return lines
 
 
@@ -163,7 +163,7 @@ def _stage_table(run: dict, notes: _Footnotes) -> list[str]:
             row.append(_ms(total) if complete else "")
             row.append(notes.cell(_lookup(records, shape=shape, seq_len=T, kind="nsa", direction=direction)))
             rows.append(row)
-    return ["", "## Stages (ms)", "", *_table(header, rows)]
+    return ["", "## Stages (ms)", "", *markdown_table(header, rows)]
 
 
 def _module_table(run: dict, notes: _Footnotes) -> list[str]:
@@ -177,7 +177,7 @@ def _module_table(run: dict, notes: _Footnotes) -> list[str]:
         note = (fwd or bwd or {}).get("note", "")
         rows.append([shape, format_seq_len(T), notes.cell(fwd), notes.cell(bwd), note])
     header = ["shape", "T", "fwd ms", "fwd+bwd ms", "module"]
-    return ["", "## NativeSparseAttention module, projections included (ms)", "", *_table(header, rows)]
+    return ["", "## NativeSparseAttention module, projections included (ms)", "", *markdown_table(header, rows)]
 
 
 def _check_table(run: dict) -> list[str]:
@@ -189,7 +189,7 @@ def _check_table(run: dict) -> list[str]:
         rows.append([c["shape"], str(c["seq_len"]), "yes" if c["ok"] else "**NO**", err, agree, c["message"]])
     header = ["shape", "T", "passed", "worst error (fast vs reference-in-dtype, both vs float64)",
               "top-n agreement", "failures"]
-    return ["", "## Correctness gate", "", *_table(header, rows)]
+    return ["", "## Correctness gate", "", *markdown_table(header, rows)]
 
 
 def write_markdown(run: dict, path: pathlib.Path, plot_name: str | None) -> None:

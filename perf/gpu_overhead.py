@@ -28,6 +28,7 @@ import torch
 from _cases import build_nsa, make_inputs  # noqa: E402  (perf/ is on sys.path: run as a script)
 from _shapes import GPU_SHAPES  # noqa: E402
 from _timing import median_ms  # noqa: E402
+from _writers import markdown_table  # noqa: E402
 
 import flexnsa  # noqa: E402
 
@@ -96,10 +97,11 @@ def main() -> int:
         print(row, flush=True)
         del inp, case, fn
         torch.cuda.empty_cache()
-    md = ["# Host overhead of nsa_attention (ms)", "", "| case | do_bench eager | host time to issue | CUDA graph replay | note |",
-          "|---|---|---|---|---|"]
-    md += [f"| {r['case']} | {r['eager_ms']:.3f} | {r['host_ms']:.3f} | {r.get('graph_ms', float('nan')):.3f} | "
-           f"{r.get('graph_error', '')} |" for r in rows]
+    md = ["# Host overhead of nsa_attention (ms)", ""] + markdown_table(
+        ["case", "do_bench eager", "host time to issue", "CUDA graph replay", "note"],
+        [[r["case"], f"{r['eager_ms']:.3f}", f"{r['host_ms']:.3f}", f"{r.get('graph_ms', float('nan')):.3f}",
+          r.get("graph_error", "")] for r in rows],
+    )
     with open(os.path.join(out_dir, "overhead.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(out_dir, "overhead.json"), "w") as f:

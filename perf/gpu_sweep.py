@@ -83,11 +83,10 @@ VARIANTS = {
     # fwd_ prefix (compressed: Tc >= 2048 only); {"inductor": True}: no kernel_options at all
     "flex_cmp_train_fwd": [{}, {"inductor": True}],
     "flex_win_train_fwd": [{}, {"inductor": True}],
-    # SEGMENT: the dK/dV work items ordered by query segments of that many tokens (the programs running
-    # at one time then read the q/dO rows of one segment, from L2); CHUNK: queries per work item.
+    # CHUNK: queries per dK/dV work item (default: custom_ops/selected_bwd.dkv_chunk).
     # (ROWS 32/128, 8 warps, 1 stage and CHUNK 256 were slower than the default at 64k in sweep-2.md;
-    # session 8: SEGMENT 1024-8192 slower at 8k and 64k, SEGMENT 2048 + CHUNK 256 faster at 8k, sweep-8.md)
-    "selected_dkv": [{}, {"CHUNK": 1024}, {"CHUNK": 256}, {"SEGMENT": 2048, "CHUNK": 256}, {"SEGMENT": 8192}],
+    # session 8: work items ordered by query segments slower at 8k and 64k, since removed; sweep-8.md)
+    "selected_dkv": [{}, {"CHUNK": 1024}, {"CHUNK": 256}, {"CHUNK": 512}],
 }  # fmt: skip
 TUNING_KEY = {"select_split": "select_topn", "select_split_scores": "select_v2"}
 

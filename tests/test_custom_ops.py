@@ -265,37 +265,32 @@ def test_compile_fullgraph_forward_backward():
 def reverse_index_cases(draw):
     B, HKV, T, n = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.integers(1, 5))
     block = draw(st.sampled_from([1, 3, 8]))
-    segment = draw(st.one_of(st.none(), st.integers(1, 45)))
-    return B, HKV, T, n, block, draw(st.integers(1, 7)), segment, draw(st.integers(0, 2**31 - 1))
+    return B, HKV, T, n, block, draw(st.integers(1, 7)), draw(st.integers(0, 2**31 - 1))
 
 
 @given(reverse_index_cases())
 def test_reverse_index_covers_every_slot_once(case):
-    """Work items partition each (segment, block) list of queries, non-empty and in segment order;
-    the lists hold exactly the valid slots, and each entry points back at its index slot."""
-    B, HKV, T, n, block, chunk, segment, seed = case
+    """Work items partition each block's list of queries, non-empty and in key order; the lists hold
+    exactly the valid slots, and each entry points back at its index slot."""
+    B, HKV, T, n, block, chunk, seed = case
     NB = -(-T // block)
     idx = random_indices(B, HKV, T, n, NB, seed)
-    rev = build_reverse_index(idx, NB, chunk, segment)
-    seg_len = T if segment is None else min(segment, T)
-    assert rev["num_segments"] == -(-T // seg_len) and rev["num_ckeys"] == rev["num_segments"] * rev["num_keys"]
-    seen, last_ckey = {}, -1
+    rev = build_reverse_index(idx, NB, chunk)
+    seen, last_key = {}, -1
     for w in range(rev["max_items"]):
-        ckey, start, end = (int(rev[name][w]) for name in ("item_key", "item_start", "item_end"))
-        if ckey >= rev["num_ckeys"]:
+        key, start, end = (int(rev[name][w]) for name in ("item_key", "item_start", "item_end"))
+        if key >= rev["num_keys"]:
             continue
-        assert ckey >= last_ckey  # items come segment by segment
-        last_ckey = ckey
+        assert key >= last_key  # items come key by key
+        last_key = key
         assert 0 < end - start <= chunk
-        first = int(rev["first_item"][ckey])
-        assert first <= w < first + int(rev["num_items"][ckey])
-        key, seg = ckey % rev["num_keys"], ckey // rev["num_keys"]
+        first = int(rev["first_item"][key])
+        assert first <= w < first + int(rev["num_items"][key])
         seen.setdefault(key, []).extend(int(t) for t in rev["entry_t"][start:end])
         for e in range(start, end):  # entry_pos points back at the index slot of the entry
             pos = int(rev["entry_pos"][e])
             bg, t, slot = pos // (T * n), (pos // n) % T, pos % n
             assert t == int(rev["entry_t"][e]) and key == bg * NB + int(idx[bg // HKV, bg % HKV, t, slot])
-            assert t // seg_len == seg
     expected = {}
     for b, g, t, s in (idx >= 0).nonzero().tolist():
         expected.setdefault((b * HKV + g) * NB + int(idx[b, g, t, s]), []).append(t)
@@ -460,11 +455,11 @@ def test_interp_select_banded_block_scores(cmp_block, cmp_stride, slc_block, mon
 @given(GROUPS, st.integers(1, 37).map(lambda t: 2 * t - 1), st.sampled_from([(16, 8), (24, 16), (8, 20)]),
        st.sampled_from([4, 8, 12]), st.integers(1, 4), LOW_DTYPES, st.booleans(), st.booleans(),
        st.one_of(st.none(), st.integers(1, 40)), st.sampled_from([1, 2, 4, 8]), st.integers(0, 2**31 - 1))  # fmt: skip
-def test_interp_selected_attention_matches_reference(G, T, dims, block, n, dtype, atomic, ds_buffer, segment, dq_qt,
+def test_interp_selected_attention_matches_reference(G, T, dims, block, n, dtype, atomic, ds_buffer, chunk, dq_qt,
                                                      seed):  # fmt: skip
     """Forward (o, lse) and backward (dq, dk, dv), deterministic or atomic dK/dV, dq from the stored
-    dS (``dq_qt`` queries per program) or by the direct kernels, dK/dV work items in query segments
-    or not, odd T, any indices."""
+    dS (``dq_qt`` queries per program) or by the direct kernels, dK/dV work items of the default or
+    a drawn size, odd T, any indices."""
     from flexnsa.custom_ops import kernel_utils
 
     Dk, Dv = dims
@@ -476,7 +471,7 @@ def test_interp_selected_attention_matches_reference(G, T, dims, block, n, dtype
         for key, value in env.items():
             mp.setenv(key, value)
         mp.setitem(kernel_utils.TUNING, "selected_dq", {"DS_BUFFER": ds_buffer})
-        mp.setitem(kernel_utils.TUNING, "selected_dkv", {"SEGMENT": segment})
+        mp.setitem(kernel_utils.TUNING, "selected_dkv", {} if chunk is None else {"CHUNK": chunk})
         mp.setitem(kernel_utils.TUNING, "selected_dq_ds", {"QT": dq_qt})
         check_attention(q, k, v, idx, cfg, seed)
 
@@ -494,12 +489,11 @@ def test_interp_pipeline_select_then_attend():
 @interp_only
 @pytest.mark.parametrize("atomic", [False, True])
 def test_interp_dkv_work_items_split_long_lists(atomic, monkeypatch):
-    """Work items of 3 queries in query segments of 16 tokens: blocks chosen by many queries (block 0,
-    the local ones) are split into several items whose partials are reduced (or added atomically),
-    segment by segment; smaller select tiles."""
+    """Work items of 3 queries: blocks chosen by many queries (block 0, the local ones) are split
+    into several items whose partials are reduced (or added atomically); smaller select tiles."""
     from flexnsa.custom_ops import kernel_utils
 
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 3, "SEGMENT": 16})
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 3})
     monkeypatch.setitem(kernel_utils.TUNING, "select", {"BLOCK_T": 16, "BLOCK_C": 128})
     if atomic:
         monkeypatch.setenv("FLEXNSA_DKV_ATOMIC", "1")
@@ -558,8 +552,7 @@ def test_interp_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, ds_buff
     cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
     q, k, v, _, _ = make_problem(cfg, 1, 2, G, T, Dk, Dv, dtype, seed=T + 1)
     idx = indices_with_keyless_rows(1, 2, T, n, cfg.num_blocks(T), seed=G + 1, dtype=idx_dtype)
-    # query segments of 5 tokens for the dK/dV work items with the dS buffer, one segment without
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 2, "ROWS": rows, "SEGMENT": 5 if ds_buffer else None})
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 2, "ROWS": rows})
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"DS_BUFFER": ds_buffer})
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dq_ds", {"QT": dq_qt})
     previous = torch.are_deterministic_algorithms_enabled()
@@ -898,10 +891,10 @@ def test_gpu_kernels_match_reference(G, dims, dtype, atomic, monkeypatch):
         monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {"QT": qt, "MAX_UNION": max_union})
         check_attention(q, k, v, idx, cfg)
         check_attention(q, k, v, random_indices(1, 2, 333, 6, cfg.num_blocks(333), seed=2, device="cuda"), cfg)
-    # dq from dS over 4-query union tiles, dK/dV work items in query segments of 100 tokens
+    # dq from dS over 4-query union tiles, dK/dV work items of 100 queries
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dq", {})
     monkeypatch.setitem(kernel_utils.TUNING, "selected_dq_ds", {"QT": 4})
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"SEGMENT": 100})
+    monkeypatch.setitem(kernel_utils.TUNING, "selected_dkv", {"CHUNK": 100})
     check_attention(q, k, v, idx, cfg)
 
 
