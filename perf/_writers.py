@@ -14,7 +14,7 @@ import pathlib
 
 from _shapes import format_seq_len
 
-__all__ = ["LABELS", "speedups", "write_json", "write_markdown", "write_plot", "summary_text"]
+__all__ = ["LABELS", "speedups", "markdown_table", "write_json", "write_markdown", "write_plot", "summary_text"]
 
 LABELS = {
     "nsa_attention": "flexnsa nsa_attention",
