@@ -8,6 +8,8 @@ Backward, given ``do``::
 
     d o_cmp[r, :] = g[r, 0] * do[r, :]   (likewise slc, win)
     d g[r, k]     = sum_d do[r, d] * o_k[r, d]
+    delta_slc[r]  = g[r, 1] * d g[r, 1]  (float32: rowsum(o_slc * d o_slc), what the selected branch's
+                                          backward needs, so that it skips its own pass over o_slc)
 
 Eager PyTorch makes float32 copies of the three ``[B, HQ, T, Dv]`` branch outputs (measured on the
 H200 at 64k on the paper shape: the gated sum was most of a 12.6 ms gap in the forward); fused, the
@@ -48,7 +50,7 @@ def _combine_fwd_kernel(
 @triton.jit
 def _combine_bwd_kernel(
     do_ptr, o_cmp_ptr, o_slc_ptr, o_win_ptr, gates_ptr,  # [N, D], [N, D] x 3, [N, 3]
-    d_cmp_ptr, d_slc_ptr, d_win_ptr, d_gates_ptr,  # [N, D] x 3, [N, 3]
+    d_cmp_ptr, d_slc_ptr, d_win_ptr, d_gates_ptr, delta_slc_ptr,  # [N, D] x 3, [N, 3], [N] float32
     N, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
@@ -58,17 +60,21 @@ def _combine_bwd_kernel(
     offs = rows[:, None] * D + cols[None, :]  # [BLOCK_R, BLOCK_D], int64
     do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     _combine_bwd_branch(do, o_cmp_ptr, d_cmp_ptr, gates_ptr, d_gates_ptr, rows, offs, row_ok, mask, 0)
-    _combine_bwd_branch(do, o_slc_ptr, d_slc_ptr, gates_ptr, d_gates_ptr, rows, offs, row_ok, mask, 1)
+    g_slc, dg_slc = _combine_bwd_branch(do, o_slc_ptr, d_slc_ptr, gates_ptr, d_gates_ptr, rows, offs, row_ok, mask, 1)
     _combine_bwd_branch(do, o_win_ptr, d_win_ptr, gates_ptr, d_gates_ptr, rows, offs, row_ok, mask, 2)
+    tl.store(delta_slc_ptr + rows, g_slc * dg_slc, mask=row_ok)
 
 
 @triton.jit
 def _combine_bwd_branch(do, o_ptr, d_ptr, gates_ptr, d_gates_ptr, rows, offs, row_ok, mask, k: tl.constexpr):
-    """Branch k: ``d o_k = g_k * do`` and ``d g_k = rowsum(do * o_k)``."""
+    """Branch k: ``d o_k = g_k * do`` and ``d g_k = rowsum(do * o_k)``; returns ``(g_k, d g_k)`` in
+    float32 (``[BLOCK_R]`` each)."""
     g = tl.load(gates_ptr + rows * 3 + k, mask=row_ok, other=0.0).to(tl.float32)  # [BLOCK_R]
     tl.store(d_ptr + offs, (g[:, None] * do).to(d_ptr.dtype.element_ty), mask=mask)
     o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_D]
-    tl.store(d_gates_ptr + rows * 3 + k, tl.sum(do * o, axis=1).to(d_gates_ptr.dtype.element_ty), mask=row_ok)
+    dg = tl.sum(do * o, axis=1)  # [BLOCK_R]
+    tl.store(d_gates_ptr + rows * 3 + k, dg.to(d_gates_ptr.dtype.element_ty), mask=row_ok)
+    return g, dg
 
 
 def _tiles(D: int) -> tuple[int, int]:
@@ -93,8 +99,9 @@ def _torch_backward(grad_out, o_cmp, o_slc, o_win, gates):
     do, g = grad_out.to(acc), gates.to(acc)
     branches = (o_cmp, o_slc, o_win)
     d_branches = [(g[..., k : k + 1] * do).to(o.dtype) for k, o in enumerate(branches)]
-    d_gates = torch.stack([(do * o.to(acc)).sum(-1) for o in branches], dim=-1).to(gates.dtype)
-    return (*d_branches, d_gates)
+    dg = torch.stack([(do * o.to(acc)).sum(-1) for o in branches], dim=-1)  # [B, HQ, T, 3]
+    delta_slc = g[..., 1] * dg[..., 1]  # [B, HQ, T], in acc
+    return (*d_branches, dg.to(gates.dtype), delta_slc)
 
 
 @triton_op("flexnsa::gated_combine", mutates_args=())
@@ -115,20 +122,23 @@ def _gated_combine_op(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Ten
 @triton_op("flexnsa::gated_combine_backward", mutates_args=())
 def _gated_combine_backward_op(
     grad_out: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor, gates: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d o_cmp, d o_slc, d o_win, d gates, delta_slc)``; ``delta_slc [B, HQ, T]`` is float32
+    (float64 for float64 inputs): ``g_slc * d g_slc = rowsum(o_slc * d o_slc)`` before rounding."""
     if not _use_triton(o_cmp):
         return _torch_backward(grad_out, o_cmp, o_slc, o_win, gates)
     D = o_cmp.shape[-1]
     N = o_cmp.numel() // D
     d_cmp, d_slc, d_win = (torch.empty_like(o, memory_format=torch.contiguous_format) for o in (o_cmp, o_slc, o_win))
     d_gates = torch.empty_like(gates, memory_format=torch.contiguous_format)  # [B, HQ, T, 3]
+    delta_slc = torch.empty(gates.shape[:-1], dtype=torch.float32, device=gates.device)  # [B, HQ, T]
     block_r, block_d = _tiles(D)
     wrap_triton(_combine_bwd_kernel)[(triton.cdiv(N, block_r),)](
         grad_out.contiguous(), o_cmp.contiguous(), o_slc.contiguous(), o_win.contiguous(), gates.contiguous(),
-        d_cmp, d_slc, d_win, d_gates,
+        d_cmp, d_slc, d_win, d_gates, delta_slc,
         N, D, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
     )
-    return d_cmp, d_slc, d_win, d_gates
+    return d_cmp, d_slc, d_win, d_gates, delta_slc
 
 
 def _setup_context(ctx, inputs, output):
@@ -136,7 +146,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    return tuple(torch.ops.flexnsa.gated_combine_backward(grad_out, *ctx.saved_tensors))
+    return tuple(torch.ops.flexnsa.gated_combine_backward(grad_out, *ctx.saved_tensors)[:4])
 
 
 torch.library.register_autograd("flexnsa::gated_combine", _backward, setup_context=_setup_context)

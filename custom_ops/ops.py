@@ -7,7 +7,9 @@ Ops (tensors and Python scalars only, so that ``torch.compile`` and ``opcheck`` 
 - ``flexnsa::selected_attention(q, k, v, indices, slc_block, scale) -> (o, lse)``, differentiable in
   ``q, k, v`` through ``register_autograd``; ``lse`` is marked non-differentiable.
 - ``flexnsa::selected_attention_backward(grad_out, q, k, v, out, lse, indices, slc_block, scale,
-  deterministic) -> (dq, dk, dv)``
+  deterministic, delta=None) -> (dq, dk, dv)``; ``delta`` (optional, float ``[B, HQ, T]``) is
+  ``rowsum(out * grad_out)`` when the caller already has it (the gated op's combine backward
+  computes it), else the op computes it
 - ``flexnsa::selected_attention_gated(q, k, v, indices, o_cmp, o_win, gates, slc_block, scale) ->
   (y, o, lse)``: the selected attention ``o`` and, from the same kernels' epilogue, NSA's gated sum
   ``y = g_cmp * o_cmp + g_slc * o + g_win * o_win`` (what ``flexnsa::gated_combine`` computes, without
@@ -29,6 +31,7 @@ dK/dV: the deterministic reverse-index path is the default. The atomic path is t
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 from torch.library import triton_op, wrap_triton
@@ -120,9 +123,13 @@ def _selected_attention_backward_op(
     slc_block: int,
     scale: float,
     deterministic: bool,
+    delta: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if delta is not None and (delta.shape != q.shape[:3] or not delta.is_floating_point() or delta.device != q.device):
+        raise ValueError(f"delta must be a float tensor [B, HQ, T] = {tuple(q.shape[:3])} on {q.device}, "
+                         f"got {tuple(delta.shape)} {delta.dtype} on {delta.device}")  # fmt: skip
     if not use_triton(q):
-        return torch_path.selected_attention_bwd(grad_out, q, k, v, out, lse, indices, slc_block, scale)
+        return torch_path.selected_attention_bwd(grad_out, q, k, v, out, lse, indices, slc_block, scale, delta)
     return selected_bwd_launch(
         wrap_triton,
         grad_out.contiguous(),
@@ -135,6 +142,7 @@ def _selected_attention_backward_op(
         slc_block,
         scale,
         atomic=not deterministic,
+        delta=None if delta is None else delta.to(torch.float32).contiguous(),
     )
 
 
@@ -199,13 +207,15 @@ def _backward_gated(ctx, grad_y, grad_out, grad_lse):
         d_cmp = d_win = d_gates = None
         d_slc = grad_out
     else:
-        d_cmp, d_slc, d_win, d_gates = torch.ops.flexnsa.gated_combine_backward(grad_y, o_cmp, out, o_win, gates)
-        if grad_out is not None:  # o itself used downstream as well
-            d_slc = d_slc + grad_out
+        d_cmp, d_slc, d_win, d_gates, delta = torch.ops.flexnsa.gated_combine_backward(grad_y, o_cmp, out, o_win, gates)
+        if grad_out is not None:  # o itself used downstream as well: delta no longer rowsum(out * d_slc)
+            d_slc, delta = d_slc + grad_out, None
     if d_slc is None:  # neither output reaches the loss
         return (None,) * 9
+    if grad_y is None:
+        delta = None
     dq, dk, dv = torch.ops.flexnsa.selected_attention_backward(
-        d_slc, q, k, v, out, lse, indices, ctx.slc_block, ctx.scale, not dkv_atomic_allowed()
+        d_slc, q, k, v, out, lse, indices, ctx.slc_block, ctx.scale, not dkv_atomic_allowed(), delta
     )
     return dq, dk, dv, None, d_cmp, d_win, d_gates, None, None
 

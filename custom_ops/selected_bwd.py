@@ -694,12 +694,14 @@ def _dq_from_ds(launch, k, indices, ds, dq, scale, G, g_pad, g_rows, n, shared):
     )  # fmt: skip
 
 
-def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block: int, scale: float, atomic: bool):
+def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block: int, scale: float, atomic: bool,
+                        delta=None):  # fmt: skip
     """Runs the backward kernels on contiguous inputs; returns ``(dq, dk, dv)`` in the input dtypes.
 
     ``atomic=False``: dK/dV deterministic (partials summed in a fixed order); dq always is. With the
-    dS buffer (:func:`use_ds_buffer`): delta, dK/dV (also storing dS), dq from dS; else dq (also
-    writing delta), then dK/dV.
+    dS buffer (:func:`use_ds_buffer`): delta (unless given: contiguous float32 ``[B, HQ, T]``
+    ``rowsum(out * grad_out)``), dK/dV (also storing dS), dq from dS; else dq (also writing delta,
+    a given one is not used), then dK/dV.
     """
     B, HQ, T, Dk = q.shape
     HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
@@ -713,16 +715,17 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     g_rows = triton.next_power_of_2(G)  # head rows per query in the dK/dV kernel (and in dS)
     dq_opts = tuned("selected_dq", num_warps=4 if g_pad * max(dk_pad, dv_pad) <= 16 * 128 else 8, num_stages=2)
     ds_path = use_ds_buffer(dq_opts, B * HKV * T * n * g_rows * bs_pad * q.element_size())
-    delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
     dq = torch.empty_like(q)  # [B, HQ, T, Dk]
-    if ds_path:  # delta now; dq after the dK/dV kernel, from its dS
+    if not ds_path:  # dq first (it writes delta; a given one is not used)
+        delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
+        _dq_direct(launch, dq_opts, q, k, v, indices, out, grad_out, lse, dq, delta, scale, g_pad, n, shared)
+    elif delta is None:  # delta now (unless the caller had it); dq after the dK/dV kernel, from its dS
+        delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)  # [B, HQ, T]
         rows = B * HQ * T
         block_r = max(1, 4096 // dv_pad)
         launch(_delta_kernel)[(triton.cdiv(rows, block_r),)](
             out, grad_out, delta, rows, DV=Dv, DV_PAD=dv_pad, BLOCK_R=block_r, num_warps=4
         )
-    else:  # dq first (it writes delta)
-        _dq_direct(launch, dq_opts, q, k, v, indices, out, grad_out, lse, dq, delta, scale, g_pad, n, shared)
 
     # 4 warps: 8 warps needed 207 registers (one CTA per SM, latency-bound); 4 warps ran the whole
     # backward 1.46x faster at 64k on the H200 (perf/NOTES.md, sweep)

@@ -38,10 +38,11 @@ def selected_attention_fwd(q, k, v, indices, slc_block: int, scale: float):
     return reference.masked_attention(q, k, v, _mask(indices, q.shape[2], slc_block, groups), scale)
 
 
-def selected_attention_bwd(grad_out, q, k, v, out, lse, indices, slc_block: int, scale: float):
+def selected_attention_bwd(grad_out, q, k, v, out, lse, indices, slc_block: int, scale: float, delta=None):
     """``(dq, dk, dv)`` of :func:`selected_attention_fwd`, in closed form (module docstring of
     ``selected_bwd``): ``P = exp(scale q k^T - lse)`` on the mask, ``dS = P (do v^T - delta)``,
-    ``delta = rowsum(o * do)``; dk and dv summed over the G query heads of each KV head."""
+    ``delta = rowsum(o * do)`` (``[B, HQ, T]``, computed here unless given); dk and dv summed over
+    the G query heads of each KV head."""
     B, HQ, T, _ = q.shape
     HKV = k.shape[1]
     groups = HQ // HKV
@@ -52,7 +53,9 @@ def selected_attention_bwd(grad_out, q, k, v, out, lse, indices, slc_block: int,
     q_a, do_a = q.to(acc), grad_out.to(acc)
     lse_safe = torch.where(torch.isinf(lse), 0.0, lse.to(acc))[..., None]  # [B, HQ, T, 1]
     probs = torch.where(mask, torch.exp(q_a @ k_x.transpose(-1, -2) * scale - lse_safe), 0.0)  # [B, HQ, T, T]
-    delta = (out.to(acc) * do_a).sum(-1, keepdim=True)  # [B, HQ, T, 1]
+    if delta is None:
+        delta = (out.to(acc) * do_a).sum(-1)  # [B, HQ, T]
+    delta = delta.to(acc)[..., None]  # [B, HQ, T, 1]
     dscores = probs * (do_a @ v_x.transpose(-1, -2) - delta)  # [B, HQ, T, T]
     dq = (dscores @ k_x) * scale  # [B, HQ, T, Dk]
     dk = (dscores.transpose(-1, -2) @ q_a) * scale  # [B, HQ, T, Dk] per query head

@@ -152,11 +152,13 @@ def _require(obj, attr: str, where: str):
 
 
 # ---- NSA ------------------------------------------------------------------------------------
-def build_nsa(inp: Inputs) -> Case:
-    """``flexnsa.nsa_attention`` (backend ``"auto"``), the three branches, selection and gating."""
+def build_nsa(inp: Inputs, compiled: bool = False) -> Case:
+    """``flexnsa.nsa_attention`` (backend ``"auto"``), the three branches, selection and gating;
+    ``compiled``: the whole call under ``torch.compile(fullgraph=True)``."""
+    attention = torch.compile(flexnsa.nsa_attention, fullgraph=True) if compiled else flexnsa.nsa_attention
 
     def fwd():
-        return flexnsa.nsa_attention(inp.q, inp.k, inp.v, inp.k_cmp, inp.v_cmp, inp.gates, inp.config)
+        return attention(inp.q, inp.k, inp.v, inp.k_cmp, inp.v_cmp, inp.gates, inp.config)
 
     return Case("nsa_attention", fwd, _with_backward(fwd, inp.grad_out), inp.leaves)
 

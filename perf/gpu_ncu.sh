@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # ncu (hardware counters, clocks left alone) over one launch of each selection kernel at 64k.
 # Usage on the GPU machine, repo root, package installed: bash perf/gpu_ncu.sh [T]
+# (NCU_KERNELS=<regex> profiles only those kernels, e.g. NCU_KERNELS=_dkv_kernel)
 # The memory tables and instruction statistics (shared-memory wavefronts by instruction kind) are
 # asked for first; if this ncu refuses them, the run is repeated with the basic sections.
 OUT=${OUT:-perf/results/tmp}
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-KERNELS='_select_topn_kernel_v2|_topn_kernel|_selected_fwd_kernel|_selected_fwd_union_kernel|_dq_kernel|_dq_union_kernel|_dkv_kernel'
+KERNELS=${NCU_KERNELS:-'_select_topn_kernel_v2|_topn_kernel|_selected_fwd_kernel|_selected_fwd_union_kernel|_dq_kernel|_dq_union_kernel|_dkv_kernel'}
 BASIC="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis"
 EXTRA="--section MemoryWorkloadAnalysis_Tables --section InstructionStats"
 # shellcheck disable=SC2086

@@ -7,7 +7,9 @@ For each case (shape, T, fwd or fwd+bwd):
   back to back after a synchronize, the loop timed without synchronizing; the device queue absorbs
   them, so this is the time to issue one call, not to run it);
 - ``graph``: the call captured once in a CUDA graph and the replay timed by ``do_bench`` (no host
-  work but one launch): what the device alone needs.
+  work but one launch): what the device alone needs;
+- ``compiled``: ``torch.compile(flexnsa.nsa_attention, fullgraph=True)`` timed like ``eager`` (inductor
+  then fuses the elementwise work around the kernels, e.g. the autograd sums of the branches' dq).
 
 If ``host`` approaches ``eager``, the call is host-bound at that size; ``eager - graph`` is the time
 the device waited for the host (or spent on launch gaps). Writes ``$OUT/overhead.md`` and ``.json``.
@@ -90,6 +92,12 @@ def main() -> int:
         row["eager_ms"] = median_ms(fn, inp.device, leaves=case.leaves if mode != "fwd" else ())
         row["host_ms"] = host_ms(fn)
         try:
+            compiled_case = build_nsa(inp, compiled=True)
+            row["compiled_ms"] = median_ms(_call(compiled_case, mode), inp.device,
+                                           leaves=case.leaves if mode != "fwd" else ())
+        except Exception as err:  # a compile failure is a finding, not a crash
+            row["compiled_error"] = repr(err)[:300]
+        try:
             row["graph_ms"] = graph_ms(fn)
         except Exception as err:  # a capture failure is a finding, not a crash
             row["graph_error"] = repr(err)[:200]
@@ -98,9 +106,10 @@ def main() -> int:
         del inp, case, fn
         torch.cuda.empty_cache()
     md = ["# Host overhead of nsa_attention (ms)", ""] + markdown_table(
-        ["case", "do_bench eager", "host time to issue", "CUDA graph replay", "note"],
+        ["case", "do_bench eager", "host time to issue", "CUDA graph replay", "torch.compile(fullgraph)", "note"],
         [[r["case"], f"{r['eager_ms']:.3f}", f"{r['host_ms']:.3f}", f"{r.get('graph_ms', float('nan')):.3f}",
-          r.get("graph_error", "")] for r in rows],
+          f"{r.get('compiled_ms', float('nan')):.3f}", r.get("graph_error", "") + r.get("compiled_error", "")]
+         for r in rows],
     )
     with open(os.path.join(out_dir, "overhead.md"), "w") as f:
         f.write("\n".join(md) + "\n")

@@ -86,9 +86,14 @@ VARIANTS = {
     # CHUNK: queries per dK/dV work item (default: custom_ops/selected_bwd.dkv_chunk).
     # (ROWS 32/128, 8 warps, 1 stage and CHUNK 256 were slower than the default at 64k in sweep-2.md;
     # session 8: work items ordered by query segments slower at 8k and 64k, since removed; sweep-8.md)
-    "selected_dkv": [{}, {"CHUNK": 1024}, {"CHUNK": 256}, {"CHUNK": 512}],
+    # (session 9, sweep-9.md: 3 and 4 stages equal to 2 at 8k and 64k; the pipeliner keeps one buffer of q/dO)
+    "selected_dkv": [{}, {"CHUNK": 1024}, {"CHUNK": 256}, {"ROWS": 128, "num_warps": 8}, {"ROWS": 32, "num_stages": 3}],
+    # software-pipelining depth of the one-query forward and the dq-from-dS kernels (session 9)
+    "selected_fwd_stages": [{}, {"num_stages": 3}, {"num_stages": 1}],
+    "selected_dq_ds_stages": [{}, {"num_stages": 3}, {"num_stages": 4}],
 }  # fmt: skip
-TUNING_KEY = {"select_split": "select_topn", "select_split_scores": "select_v2"}
+TUNING_KEY = {"select_split": "select_topn", "select_split_scores": "select_v2", "selected_fwd_stages": "selected_fwd",
+              "selected_dq_ds_stages": "selected_dq_ds"}
 
 
 def union_sizes(idx: torch.Tensor, qt: int = 4) -> float:
@@ -205,6 +210,8 @@ def main() -> int:
             "flex_win_fwd": lambda: flexnsa.sliding_window_attention(q, k, v, cfg.window, scale=scale),
             "selected_dkv": selected_bwd,  # TUNING["selected_dkv"] varied
             "selected_dq_ds": selected_bwd,  # TUNING["selected_dq_ds"] varied
+            "selected_dq_ds_stages": selected_bwd,
+            "selected_fwd_stages": lambda: custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale),
         }  # fmt: skip
         if sg is not None:
             calls["selected_fwd_sg"] = lambda: custom_ops.selected_attention(sg["q"], sg["k"], sg["v"], sg["idx"], cfg, scale)

@@ -39,6 +39,13 @@ def test_matches_reference_forward_and_backward(B, H, T, D, dtype, seed):
     expected.backward(grad)
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad, b.grad)
+    *_, delta_slc = torch.ops.flexnsa.gated_combine_backward(grad, *outs, gates)
+    torch.testing.assert_close(delta_slc, _expected_delta(grad, outs[1], gates).to(delta_slc.dtype))
+
+
+def _expected_delta(grad, o_slc, gates):
+    """``rowsum(o_slc * d o_slc)`` with ``d o_slc = g_slc * grad``, in float64: ``[B, HQ, T]``."""
+    return (o_slc.double() * gates[..., 1:2].double() * grad.double()).sum(-1)
 
 
 def test_gradcheck_and_opcheck():
@@ -83,6 +90,10 @@ def test_triton_kernels_under_interpreter():
             out.backward(grad); expected.backward(grad)
             for a, b in zip((*xs, g), ref):
                 torch.testing.assert_close(a.grad, b.grad, **tol)
+            *_, delta = torch.ops.flexnsa.gated_combine_backward(grad, *(x.detach() for x in xs), g.detach())
+            expected_delta = (xs[1].double() * g[..., 1:2].double() * grad.double()).sum(-1)
+            assert delta.dtype == torch.float32
+            torch.testing.assert_close(delta.double(), expected_delta, rtol=1e-4, atol=1e-4)
         print("interpreted combine ok")
         """
     )
@@ -106,3 +117,6 @@ def test_cuda_kernels(dtype, D):
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
     for a, b in zip(leaves, ref):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=tol, atol=tol * 10)
+    *_, delta = torch.ops.flexnsa.gated_combine_backward(grad, *outs, gates)
+    assert delta.dtype == torch.float32 and delta.shape == gates.shape[:-1]
+    torch.testing.assert_close(delta.double(), _expected_delta(grad, outs[1], gates), rtol=1e-4, atol=1e-4)

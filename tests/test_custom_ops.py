@@ -235,6 +235,24 @@ def test_opcheck():
     o, lse_slc = torch.ops.flexnsa.selected_attention(q, k, v, idx, 8, 0.35)
     args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse_slc, idx, 8, 0.35, True)
     torch.library.opcheck(torch.ops.flexnsa.selected_attention_backward.default, args)
+    delta = (args[0] * args[4]).sum(-1)  # [B, HQ, T]: rowsum(grad_out * out), given instead of computed
+    torch.library.opcheck(torch.ops.flexnsa.selected_attention_backward.default, (*args, delta))
+
+
+@cpu_path_only
+def test_selected_backward_given_delta():
+    """A given ``delta = rowsum(out * grad_out)`` gives the gradients the op computes without it; a
+    delta of the wrong shape, dtype or device is a ValueError naming it."""
+    cfg, q, k, v, k_cmp, lse, idx = small_problem()
+    o, lse_slc = torch.ops.flexnsa.selected_attention(q, k, v, idx, 8, 0.35)
+    args = (torch.randn_like(o), q, k, v, o, lse_slc, idx, 8, 0.35, True)
+    delta = (args[0].double() * o.double()).sum(-1)  # [B, HQ, T] float64: the op casts it
+    for got, want in zip(torch.ops.flexnsa.selected_attention_backward(*args, delta),
+                         torch.ops.flexnsa.selected_attention_backward(*args)):  # fmt: skip
+        torch.testing.assert_close(got, want)
+    for bad in (delta[..., :-1], delta.long(), delta[..., None]):
+        with pytest.raises(ValueError, match="delta"):
+            torch.ops.flexnsa.selected_attention_backward(*args, bad)
 
 
 @cpu_path_only
@@ -696,6 +714,9 @@ def test_tuning_options_reach_the_kernels(monkeypatch):
     selected_bwd_launch(RecordingLaunch, o, q, k, v, o, lse, idx, 8, 0.25, atomic=False)
     assert set(launches) == {"_delta_kernel", "_dkv_kernel", "_dq_ds_kernel", "_dkv_reduce_kernel"}
     assert launches["_dkv_kernel"]["STORE_DS"] and launches["_dq_ds_kernel"]["grid"] == (T, B * HKV)
+    launches.clear()  # a given delta (the gated op's combine backward computed it): no delta kernel
+    selected_bwd_launch(RecordingLaunch, o, q, k, v, o, lse, idx, 8, 0.25, atomic=False, delta=lse)
+    assert set(launches) == {"_dkv_kernel", "_dq_ds_kernel", "_dkv_reduce_kernel"}
     dq_ds = launches["_dq_ds_kernel"]
     assert (dq_ds["num_warps"], dq_ds["num_stages"], dq_ds["DS_ROWS"], dq_ds["G_PAD"]) == (2, 4, 16, 16)
     # G = 4: 4-query union tiles by default (16 rows, as one query's padded tile)
@@ -754,7 +775,13 @@ def check_gated_against_combine(q, k, v, idx, cfg, seed=0, use="y", separate=_se
     o_cmp, o_win and gates (the backward is the same two kernels, so they agree to rounding; the
     forward's sum is the same float32 arithmetic on the stored selected output). ``use``: what the
     loss reads, ``"y"``, ``"y+o"`` (the selected output as well: its gradient then reaches the op too)
-    or ``"o"`` (the gated sum unused: no gradient for o_cmp, o_win, gates)."""
+    or ``"o"`` (the gated sum unused: no gradient for o_cmp, o_win, gates).
+
+    One difference is by design: with ``use="y"`` the fused op takes the selected backward's
+    ``delta = rowsum(o * d o)`` from the combine backward, in float32 before ``d o = g_slc * dy`` is
+    rounded to q's dtype, where the separate ops sum the rounded ``d o``. In half precision dq, dk
+    and dv are then checked against the same computation in float64 instead: the fused error within
+    2x the separate ops' error (plus a rounding step of the dtype)."""
     gen = torch.Generator().manual_seed(seed)
     B, HQ, T, _ = q.shape
     Dv = v.shape[-1]
@@ -776,9 +803,21 @@ def check_gated_against_combine(q, k, v, idx, cfg, seed=0, use="y", separate=_se
     else:
         tol = dict(rtol=1e-5, atol=1e-5) if q.dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     names = ("y", "o", "lse", "dq", "dk", "dv", "d_cmp", "d_win", "d_gates")
-    for name, got, want in zip(names, *results):
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if half:  # the float64 run of the separate ops: the truth for dq, dk, dv (docstring)
+        leaves = [x.detach().double().requires_grad_() for x in (q, k, v, o_cmp, o_win, gates)]
+        y, o, _ = separate(*leaves[:3], idx, *leaves[3:], cfg)
+        outputs, grads64 = {"y": ((y,), (grad,)), "y+o": ((y, o), (grad, grad.flip(2))), "o": ((o,), (grad,))}[use]
+        exact = torch.autograd.grad(outputs, leaves[:3], [g.double() for g in grads64], allow_unused=True)
+    for i, (name, got, want) in enumerate(zip(names, *results)):
         if want is None:  # unused input (use="o"): no gradient on either path
             assert got is None, name
+            continue
+        if half and name in ("dq", "dk", "dv"):
+            true = exact[i - 3]
+            fused_err, separate_err = (got.double() - true).abs().max(), (want.double() - true).abs().max()
+            step = torch.finfo(q.dtype).eps * true.abs().max()
+            assert fused_err <= 2 * separate_err + step, f"{name}: fused {fused_err:.3g}, separate {separate_err:.3g}"
             continue
         torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
