@@ -204,7 +204,7 @@ def _setup_context_gated(ctx, inputs, output):
 def _backward_gated(ctx, grad_y, grad_out, grad_lse):
     q, k, v, indices, o_cmp, o_win, gates, out, lse = ctx.saved_tensors
     if grad_y is None:  # only o was used downstream
-        d_cmp = d_win = d_gates = None
+        d_cmp = d_win = d_gates = delta = None
         d_slc = grad_out
     else:
         d_cmp, d_slc, d_win, d_gates, delta = torch.ops.flexnsa.gated_combine_backward(grad_y, o_cmp, out, o_win, gates)
@@ -212,8 +212,6 @@ def _backward_gated(ctx, grad_y, grad_out, grad_lse):
             d_slc, delta = d_slc + grad_out, None
     if d_slc is None:  # neither output reaches the loss
         return (None,) * 9
-    if grad_y is None:
-        delta = None
     dq, dk, dv = torch.ops.flexnsa.selected_attention_backward(
         d_slc, q, k, v, out, lse, indices, ctx.slc_block, ctx.scale, not dkv_atomic_allowed(), delta
     )

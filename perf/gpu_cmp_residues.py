@@ -129,7 +129,7 @@ def main() -> int:
     md = ["# The compressed branch folded into causal attention per residue class (paper shape, bf16, ms)", ""]
     md += markdown_table(
         ["T", "folded backend", "flex fwd", "folded fwd", "flex fwd+bwd", "folded fwd+bwd", "max abs diff", "error"],
-        [[r["T"], r["backend"], fmt(r, "flex_fwd_ms"), fmt(r, "folded_fwd_ms"), fmt(r, "flex_fwdbwd_ms"),
+        [[str(r["T"]), r["backend"], fmt(r, "flex_fwd_ms"), fmt(r, "folded_fwd_ms"), fmt(r, "flex_fwdbwd_ms"),
           fmt(r, "folded_fwdbwd_ms"), f"{r.get('max_abs_diff_vs_flex', float('nan')):.3g}", r.get("error", "")]
          for r in rows],
     )
