@@ -36,8 +36,9 @@ def median_ms(
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        # do_bench runs rep_ms / (its estimate) timed calls: a single one for a 124 ms call at the
-        # default 100 ms. One timed call here sizes the budget so that at least min_reps are taken.
+        # do_bench runs int(rep_ms / its estimate) timed calls: a single one for a 124 ms call at the
+        # default 100 ms. One timed call here sizes the budget so that at least min_reps are taken
+        # (one call of margin: do_bench's own estimate may be a little above this one).
         _reset_grads(leaves)
         fn()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -46,7 +47,7 @@ def median_ms(
         fn()
         end.record()
         torch.cuda.synchronize()
-        rep_ms = max(rep_ms, min_reps * start.elapsed_time(end))
+        rep_ms = max(rep_ms, (min_reps + 1) * start.elapsed_time(end))
         _reset_grads(leaves)
         ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(leaves), return_mode="median")
         _reset_grads(leaves)
