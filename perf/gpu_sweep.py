@@ -87,7 +87,9 @@ VARIANTS = {
     # (ROWS 32/128, 8 warps, 1 stage and CHUNK 256 were slower than the default at 64k in sweep-2.md;
     # session 8: work items ordered by query segments slower at 8k and 64k, since removed; sweep-8.md)
     # (session 9, sweep-9.md: 3 and 4 stages equal to 2 at 8k and 64k; the pipeliner keeps one buffer of q/dO)
-    "selected_dkv": [{}, {"CHUNK": 1024}, {"CHUNK": 256}, {"ROWS": 128, "num_warps": 8}, {"ROWS": 32, "num_stages": 3}],
+    # (session 9, sweep-9.md: 128 rows on 8 warps and 32 rows slower; the next step's query positions
+    # loaded one step ahead so that 3-4 stages double-buffer q/dO: 1.3x slower, since removed)
+    "selected_dkv": [{}, {"CHUNK": 1024}, {"CHUNK": 256}, {"num_stages": 3}],
     # software-pipelining depth of the one-query forward and the dq-from-dS kernels (session 9)
     "selected_fwd_stages": [{}, {"num_stages": 3}, {"num_stages": 1}],
     "selected_dq_ds_stages": [{}, {"num_stages": 3}, {"num_stages": 4}],
