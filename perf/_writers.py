@@ -10,11 +10,13 @@ shape, length and direction in the same run: above 1 means NSA is faster.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 from _shapes import format_seq_len
 
-__all__ = ["LABELS", "speedups", "markdown_table", "write_json", "write_markdown", "write_plot", "summary_text"]
+__all__ = ["LABELS", "speedups", "markdown_table", "write_results", "write_json", "write_markdown", "write_plot",
+           "summary_text"]
 
 LABELS = {
     "nsa_attention": "flexnsa nsa_attention",
@@ -108,6 +110,15 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     return out
+
+
+def write_results(out_dir: str, name: str, md: list[str], raw) -> None:
+    """A GPU script's results: ``<out_dir>/<name>.md`` (the lines ``md``) and ``<name>.json`` (``raw``)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(raw, f, indent=1)
 
 
 def _speedup_tables(run: dict, notes: _Footnotes) -> list[str]:

@@ -20,13 +20,14 @@ On the CPU (small shapes, SDPA's math backend) ``--check`` compares with the flo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
+from _timing import median_ms  # perf/ is on sys.path: run as a script
+from _writers import markdown_table, write_results
 
 import flexnsa
 from flexnsa import reference
@@ -90,9 +91,6 @@ def main() -> int:
     if args.check:
         check_cpu()
         return 0
-    sys.path.insert(0, os.path.dirname(__file__))
-    from _timing import median_ms
-    from _writers import markdown_table
     from torch.nn.attention import SDPBackend
 
     out_dir = os.environ.get("OUT", "perf/results/tmp")
@@ -133,10 +131,7 @@ def main() -> int:
           fmt(r, "folded_fwdbwd_ms"), f"{r.get('max_abs_diff_vs_flex', float('nan')):.3g}", r.get("error", "")]
          for r in rows],
     )
-    with open(os.path.join(out_dir, "cmp_residues.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    with open(os.path.join(out_dir, "cmp_residues.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_results(out_dir, "cmp_residues", md, rows)
     print("\n".join(md))
     return 0
 

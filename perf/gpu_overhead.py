@@ -20,7 +20,6 @@ the device waited for the host (or spent on launch gaps). Writes ``$OUT/overhead
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 from _cases import build_nsa, make_inputs  # noqa: E402  (perf/ is on sys.path: run as a script)
 from _shapes import GPU_SHAPES  # noqa: E402
 from _timing import median_ms  # noqa: E402
-from _writers import markdown_table  # noqa: E402
+from _writers import markdown_table, write_results  # noqa: E402
 
 import flexnsa  # noqa: E402
 
@@ -111,10 +110,7 @@ def main() -> int:
           f"{r.get('compiled_ms', float('nan')):.3f}", r.get("graph_error", "") + r.get("compiled_error", "")]
          for r in rows],
     )
-    with open(os.path.join(out_dir, "overhead.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    with open(os.path.join(out_dir, "overhead.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_results(out_dir, "overhead", md, rows)
     print("\n".join(md))
     return 0
 

@@ -12,7 +12,6 @@ next to their sum.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 from _cases import build_nsa, make_inputs  # noqa: E402  (perf/ is on sys.path: run as a script)
 from _shapes import GPU_SHAPES  # noqa: E402
 from _timing import kernel_times  # noqa: E402
+from _writers import write_results  # noqa: E402
 
 import flexnsa  # noqa: E402
 
@@ -103,10 +103,7 @@ def main() -> int:
         md.append("")
         print("\n".join(md[-min(len(rows), 30) - 4:]), flush=True)
         torch.cuda.empty_cache()
-    with open(os.path.join(out_dir, "profile.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    with open(os.path.join(out_dir, "profile.json"), "w") as f:
-        json.dump(raw, f, indent=1)
+    write_results(out_dir, "profile", md, raw)
     return 0
 
 

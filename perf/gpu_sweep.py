@@ -19,6 +19,7 @@ import time
 
 import torch
 from _timing import median_ms
+from _writers import write_results
 
 import flexnsa
 from flexnsa import custom_ops
@@ -276,10 +277,7 @@ def main() -> int:
            f"{r.get('rows_differing', r.get('max_abs_diff_o', ''))} | {r.get('error', '')} |" for r in rows if "ms" in r or "error" in r]
     md += [f"\n{r['T']}: {r['variant']}: random {r['random']:.1f}, correlated {r['correlated']:.1f}"
            + (f", small-group random {r['small_group']:.1f}" if "small_group" in r else "") for r in rows if r["kernel"] == "union_sizes"]  # fmt: skip
-    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_results(out_dir, "sweep", md, rows)
     print("\n".join(md))
     return 0
 

@@ -241,15 +241,19 @@ def test_opcheck():
 
 @cpu_path_only
 def test_selected_backward_given_delta():
-    """A given ``delta = rowsum(out * grad_out)`` gives the gradients the op computes without it; a
+    """A given ``delta = rowsum(out * grad_out)`` gives the gradients the op computes without it, and
+    the op does use it (a shifted delta moves dq and dk: ``dS = P (dP - delta)``; dv has no delta); a
     delta of the wrong shape, dtype or device is a ValueError naming it."""
     cfg, q, k, v, k_cmp, lse, idx = small_problem()
     o, lse_slc = torch.ops.flexnsa.selected_attention(q, k, v, idx, 8, 0.35)
     args = (torch.randn_like(o), q, k, v, o, lse_slc, idx, 8, 0.35, True)
     delta = (args[0].double() * o.double()).sum(-1)  # [B, HQ, T] float64: the op casts it
-    for got, want in zip(torch.ops.flexnsa.selected_attention_backward(*args, delta),
-                         torch.ops.flexnsa.selected_attention_backward(*args)):  # fmt: skip
-        torch.testing.assert_close(got, want)
+    want = torch.ops.flexnsa.selected_attention_backward(*args)
+    for got, expected in zip(torch.ops.flexnsa.selected_attention_backward(*args, delta), want):
+        torch.testing.assert_close(got, expected)
+    dq, dk, dv = torch.ops.flexnsa.selected_attention_backward(*args, delta + 1.0)
+    assert not torch.allclose(dq, want[0]) and not torch.allclose(dk, want[1])
+    torch.testing.assert_close(dv, want[2])
     for bad in (delta[..., :-1], delta.long(), delta[..., None]):
         with pytest.raises(ValueError, match="delta"):
             torch.ops.flexnsa.selected_attention_backward(*args, bad)
