@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import reference
 from ._checks import _check_tensor, _expect_shape, check_config, check_qk, check_scale
 from .config import NSAConfig
-from .flex_runtime import cached_block_mask, call_flex, choose_path, needs_grad
+from .flex_runtime import cached_block_mask, call_flex, choose_path, kernel_options_for, needs_grad
 from .masks.compressed_causal import compressed_causal
 from .masks.pattern import DEFAULT_BLOCK_SIZE, block_mask_from_tables, evaluate_mask_mod, named
 from .masks.sliding_window import sliding_window
@@ -44,6 +44,15 @@ _Q_BLOCK = DEFAULT_BLOCK_SIZE  # query rows per BlockMask tile; chunk lengths ar
 _WINDOW_FWD_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 _COMPRESSED_FWD_OPTIONS = {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
 _COMPRESSED_TMA_MIN_KEYS = 2048
+# Rows (queries and keys) per tile of the window's BlockMask where the forward-only tiles apply. A tile of
+# 64 queries sees 512 + 63 keys: 9 tiles of 64, 89% of their pairs in the window, against 80% for 128-row
+# tiles. H200, paper shape, no gradients (perf/results/h200/sweep-10.md, two processes): 4.231 -> 3.807 and
+# 4.388 -> 4.173 ms at 64k, 0.482 -> 0.440 and 0.498 -> 0.444 ms at 8k. Calls that record autograd keep
+# 128: inductor's backward (torch 2.11, sm90, head dim <= 128) only has 64x128 / 128x64 tiles, and it
+# drops a configuration that does not divide the BlockMask's tiles before applying kernel options, so a
+# 64-row BlockMask leaves it no kernel at all.
+_WINDOW_FWD_BLOCK = 64
+_WINDOW_BLOCK: int | None = None  # benchmarks only (perf/gpu_sweep.py): force the window's BlockMask tiles
 _TARGET_KV_PROGRAMS = 1024  # dK/dV programs wanted in the compressed backward (H200: 132 SMs)
 _MIN_CHUNK = 1024  # shortest query chunk worth a batch entry
 _MAX_CHUNKS = 64
@@ -113,13 +122,24 @@ def _device_key(device: torch.device) -> str:
 
 
 # ---- branch 3: sliding window ------------------------------------------------------------
-def _window_block_mask(seq_len: int, window: int, device: torch.device, user_mask_mod):
-    """Closed-form window BlockMask ``[1, 1, T, T]``; with a user mask_mod every tile the window
-    meets is partial (the user pattern is unknown in block form) and the two mask_mods are ANDed."""
+def window_tile(q: torch.Tensor, v: torch.Tensor, grad: bool) -> int:
+    """Rows per tile of the window's BlockMask: ``_WINDOW_FWD_BLOCK`` (64) for a CUDA call without
+    gradients that takes the window's forward tiles (16-bit, head dims <= 128: 64 x 64 kernel tiles,
+    which divide it), else the default 128 (see ``_WINDOW_FWD_BLOCK``)."""
+    if _WINDOW_BLOCK is not None:
+        return _WINDOW_BLOCK
+    fwd_tiles = kernel_options_for(q, v, _WINDOW_FWD_OPTIONS) == _WINDOW_FWD_OPTIONS
+    return _WINDOW_FWD_BLOCK if fwd_tiles and not grad else _Q_BLOCK
+
+
+def _window_block_mask(seq_len: int, window: int, device: torch.device, user_mask_mod, block: int = _Q_BLOCK):
+    """Closed-form window BlockMask ``[1, 1, T, T]`` of ``block x block`` tiles; with a user mask_mod
+    every tile the window meets is partial (the user pattern is unknown in block form) and the two
+    mask_mods are ANDed."""
     pattern = sliding_window(window)
 
     def build():
-        any_blocks, full_blocks = pattern.block_tables(seq_len, seq_len, _Q_BLOCK, device)
+        any_blocks, full_blocks = pattern.block_tables(seq_len, seq_len, block, device)
         mask_mod = pattern.mask_mod
         if user_mask_mod is not None:
             full_blocks = torch.zeros_like(full_blocks)
@@ -129,9 +149,9 @@ def _window_block_mask(seq_len: int, window: int, device: torch.device, user_mas
                 return window_mod(b, h, q_idx, kv_idx) & user_mask_mod(b, h, q_idx, kv_idx)
 
             mask_mod = named(f"{window_mod.__name__} & user", window_and_user)
-        return block_mask_from_tables(any_blocks, full_blocks, mask_mod, seq_len, seq_len, _Q_BLOCK)
+        return block_mask_from_tables(any_blocks, full_blocks, mask_mod, seq_len, seq_len, block)
 
-    key = ("window", seq_len, window, _device_key(device))
+    key = ("window", seq_len, window, block, _device_key(device))
     return cached_block_mask(key, build, user_mask_mod)
 
 
@@ -170,7 +190,7 @@ def sliding_window_attention(q, k, v, window, scale=None, *, mask_mod=None, _pat
 
         dense = evaluate_mask_mod(window_and_user, T, T, B, HQ, q.device)  # [B, HQ, T, T]
         return reference.masked_attention(q, k, v, dense, scale)[0]
-    block_mask = _window_block_mask(T, window, q.device, mask_mod)
+    block_mask = _window_block_mask(T, window, q.device, mask_mod, window_tile(q, v, needs_grad(q, k, v)))
     out, _ = call_flex(path, q, k, v, block_mask, scale, want_lse=False, forward_options=_WINDOW_FWD_OPTIONS)
     return out  # [B, HQ, T, Dv]
 

@@ -18,12 +18,13 @@ import sys
 import time
 
 import torch
+from _cases import raise_recompile_limit
 from _timing import median_ms
 from _writers import write_results
 
 import flexnsa
 from flexnsa import custom_ops
-from flexnsa import flex_runtime
+from flexnsa import flex_branches, flex_runtime
 from flexnsa.custom_ops import kernel_utils
 
 # FlexAttention backward tiles (bwd_ prefix: the forward keeps the library's tiles); inductor's H100/H200
@@ -51,6 +52,8 @@ VARIANTS = {
     # QT: tiles of QT queries whose union of selected blocks has <= MAX_UNION blocks (default 9/16 of
     # QT * n, or every tile for G <= 4: query_tiles.union_threshold) run the union kernel, the others
     # the one-query kernel
+    # (session 10, sweep-10.md: a claim kernel queueing the taken tiles for the union kernel, so that its
+    # programs past them end at once: random 64k even with QT 1, but correlated selections slower; removed)
     "selected_fwd": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
     # the whole selected backward; default: dq from the dK/dV kernel's stored dS; DS_BUFFER False (or any
     # tile key): the direct dq kernels
@@ -71,14 +74,19 @@ VARIANTS = {
     "selected_dq_sg": [{}, {"DS_BUFFER": False}, {"QT": 1}, {"QT": 8}, {"union_warps": 4}],
     "flex_cmp_fwd": [{}, {"USE_TMA": True}, {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}],
-    "flex_win_fwd": [{}, {"USE_TMA": True}, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-                     {"ROWS_GUARANTEED_SAFE": True}],
+    # block: the window BlockMask's tile rows (session 10, sweep-10.md: 64 adopted for calls without gradients,
+    # flex_branches._WINDOW_FWD_BLOCK; FlexAttention's tiles must divide it)
+    "flex_win_fwd": [{}, {"block": 128, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}],
+    # the whole nsa_attention without gradients (inference): the library's window tiles against 128-row ones
+    "flex_nsa_fwd": [{}, {"block": 128}],
     # compressed branch forward+backward: query chunks (None: default_num_chunks) and K/V expanded to
     # the HQ query heads (FlexAttention's dK/dV pass then has HQ/HKV times more programs)
     "flex_cmp_train": [{}, {"chunks": 32}, {"expand": True}, {"expand": True, "chunks": 8},
                        {"expand": True, "USE_TMA": True}, {"expand": True, "inductor": True},
                        *({"expand": True, **tiles} for tiles in BWD_TILES)],
     # window branch forward+backward; bwd_ tiles added to the library's forward tiles
+    # (session 10: with "block": 64 every backward variant failed to compile, NoValidChoicesError: inductor
+    # filters its one default configuration, 64x128 / 128x64, by the BlockMask's tiles before the options apply)
     "flex_win_train": [{}, {"inductor": True}, *BWD_TILES],
     # the training forward alone (autograd recording): default = the branch's forward tiles with the
     # fwd_ prefix (compressed: Tc >= 2048 only); {"inductor": True}: no kernel_options at all
@@ -90,6 +98,8 @@ VARIANTS = {
     # (session 9, sweep-9.md: 3 and 4 stages equal to 2 at 8k and 64k; the pipeliner keeps one buffer of q/dO)
     # (session 9, sweep-9.md: 128 rows on 8 warps and 32 rows slower; the next step's query positions
     # loaded one step ahead so that 3-4 stages double-buffer q/dO: 1.3x slower, since removed)
+    # (session 10, sweep-10.md: S^T = K q^T formed keys x rows, so that P^T and dS^T feed their products
+    # from registers as in Triton's fused-attention tutorial: 3.588 against 3.333 ms at 8k, slower; removed)
     "selected_dkv": [{}, {"CHUNK": 1024}, {"CHUNK": 256}, {"num_stages": 3}],
     # software-pipelining depth of the one-query forward and the dq-from-dS kernels (session 9)
     "selected_fwd_stages": [{}, {"num_stages": 3}, {"num_stages": 1}],
@@ -110,8 +120,10 @@ def union_sizes(idx: torch.Tensor, qt: int = 4) -> float:
 def set_flex_options(variant: dict | None) -> None:
     """Sets ``flex_runtime``'s benchmark hooks for a flex variant: the library's choice for ``{}`` or
     None, no options at all (inductor's defaults) for ``{"inductor": True}``, the library's choice
-    plus ``variant["extra"]`` (e.g. ``bwd_`` tiles) for ``{"extra": {...}}``, else the options alone."""
+    plus ``variant["extra"]`` (e.g. ``bwd_`` tiles) for ``{"extra": {...}}``, else the options alone;
+    ``variant["block"]`` forces the window BlockMask's tiles (else the library's choice)."""
     variant = dict(variant or {})
+    flex_branches._WINDOW_BLOCK = variant.pop("block", None)  # the window's BlockMask tiles (None: the library's)
     flex_runtime.KERNEL_OPTIONS_EXTRA = variant.pop("extra", None)
     if variant.pop("inductor", False):
         flex_runtime.KERNEL_OPTIONS_OVERRIDE = {}
@@ -138,6 +150,7 @@ def main() -> int:
     parser.add_argument("--kernels", default=",".join(VARIANTS))
     parser.add_argument("--budget", type=float, default=150.0)
     args = parser.parse_args()
+    raise_recompile_limit()  # every variant of a FlexAttention option or BlockMask is one more compile
     out_dir = os.environ.get("OUT", "perf/results/tmp")
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
@@ -154,6 +167,7 @@ def main() -> int:
         q, k, v = randn(B, HQ, T, D), randn(B, HKV, T, D), randn(B, HKV, T, D)
         kc, vc = randn(B, HKV, cfg.num_cmp_tokens(T), D), randn(B, HKV, cfg.num_cmp_tokens(T), D)
         _, lse = flexnsa.compressed_attention(q, kc, vc, cfg, scale=scale, return_lse=True)
+        gates = torch.rand(B, HQ, T, 3, device=q.device, dtype=q.dtype)  # [B, HQ, T, 3]
         lse = lse.float().contiguous()
         kernel_utils.TUNING.clear()
         idx_ref = custom_ops.select_blocks(q, kc, lse, cfg, scale)
@@ -211,6 +225,7 @@ def main() -> int:
                 do, q_corr, k, v, o_corr, lse_corr, idx_corr, cfg.slc_block, scale, True),
             "flex_cmp_fwd": lambda: flexnsa.compressed_attention(q, kc, vc, cfg, scale=scale, return_lse=True),
             "flex_win_fwd": lambda: flexnsa.sliding_window_attention(q, k, v, cfg.window, scale=scale),
+            "flex_nsa_fwd": lambda: flexnsa.nsa_attention(q, k, v, kc, vc, gates, cfg, scale=scale),
             "selected_dkv": selected_bwd,  # TUNING["selected_dkv"] varied
             "selected_dq_ds": selected_bwd,  # TUNING["selected_dq_ds"] varied
             "selected_dq_ds_stages": selected_bwd,
@@ -269,7 +284,7 @@ def main() -> int:
                 os.environ.pop("FLEXNSA_SELECT_IMPL", None)
                 rows.append(row)
                 print(row, flush=True)
-        del q, k, v, kc, vc, lse, o, do, qg, kcg, vcg, kg, vg, do_c, q_corr, idx_corr, o_corr, lse_corr, sg, calls
+        del q, k, v, kc, vc, gates, lse, o, do, qg, kcg, vcg, kg, vg, do_c, q_corr, idx_corr, o_corr, lse_corr, sg, calls
         torch.cuda.empty_cache()
     md = ["# Launch-parameter sweep (bf16, B=1, HQ=64, HKV=4, D=128, paper config)", "",
           "| T | kernel | variant | ms | select rows differing from default / max abs diff of o (fwd) or of dq, dk, dv (bwd) from the first variant | error |", "|---|---|---|---|---|---|"]

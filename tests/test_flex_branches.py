@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flexnsa.masks.pattern import evaluate_mask_mod
+from flexnsa.masks.sliding_window import sliding_window_mask_mod
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nsa_inputs import configs
@@ -213,6 +214,33 @@ def test_paths_are_chosen_automatically():
     assert fb.default_num_chunks(65536, 4095, 1, 4) == 8
     assert fb.default_num_chunks(8192, 511, 1, 4) == 8
     assert fb.default_num_chunks(1000, 61, 1, 4) == 1
+
+
+def test_window_blockmask_tiles():
+    """The window's BlockMask has 64-row tiles exactly where the forward-only kernel tiles (64 x 64)
+    apply: CUDA, 16-bit, head dims <= 128, no gradient; else 128 (inductor's backward tiles need it).
+    Fake CUDA tensors: no GPU needed. Either tiling lists every pair of the window, the 64-row one
+    fewer pairs outside it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, v = (torch.empty(1, h, 8, 128, dtype=torch.bfloat16, device="cuda") for h in (2, 1))
+        q32, v32 = q.float(), v.float()
+        q192 = torch.empty(1, 2, 8, 192, dtype=torch.float16, device="cuda")
+    assert fb.window_tile(q, v, grad=False) == 64
+    assert fb.window_tile(q, v, grad=True) == fb.window_tile(q32, v32, grad=False) == 128
+    assert fb.window_tile(q192, v, grad=False) == 128
+    assert fb.window_tile(torch.zeros(1, 2, 8, 128, dtype=torch.bfloat16), torch.zeros(1, 1, 8, 128), False) == 128
+    T, cpu = 1000, torch.device("cpu")
+    window = evaluate_mask_mod(sliding_window_mask_mod(512), T, T, 1, 1, cpu)  # [1, 1, T, T]
+    listed = []
+    for block in (64, 128):
+        mask = fb._window_block_mask(T, 512, cpu, None, block)
+        assert mask.BLOCK_SIZE == (block, block)
+        tiles = mask.to_dense().repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :T, :T].bool()
+        assert not (window & ~tiles).any()  # every pair of the window lies in a listed tile
+        listed.append(int(tiles.sum()))
+    assert listed[0] < listed[1]
 
 
 def test_cpu_training_uses_the_reference_and_has_no_nan_gradient():
@@ -443,13 +471,15 @@ def test_cuda_forward_backward_match_reference(dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_forward_only_tiles_match_reference():
-    """Forward-only calls use the branches' measured FlexAttention tiles (window 64x64; compressed
-    with TMA loads once Tc >= 2048): still within the bf16 reference's error, lse included."""
+    """Forward-only calls use the branches' measured FlexAttention tiles (window 64x64 on a BlockMask of
+    64-row tiles; compressed with TMA loads once Tc >= 2048): still within the bf16 reference's error,
+    lse included."""
     from flexnsa import flex_runtime
 
     cfg = flexnsa.NSAConfig()
     q, k, v = window_inputs(dict(B=1, HQ=4, HKV=2, T=3000, Dk=128, Dv=128, seed=1), torch.bfloat16, "cuda")
     assert flex_runtime.kernel_options_for(q, v, fb._WINDOW_FWD_OPTIONS) == fb._WINDOW_FWD_OPTIONS
+    assert fb.window_tile(q, v, grad=False) == 64  # 64-row BlockMask tiles (T = 3000 is not a multiple)
     with torch.no_grad():
         out = fb.sliding_window_attention(q, k, v, cfg.window)
     exact, lowp = window_reference(q.cpu(), k.cpu(), v.cpu(), cfg.window, torch.bfloat16)
