@@ -378,16 +378,20 @@ def _cuda_only(inp: Inputs, what: str) -> None:
         raise Unavailable(f"{what} needs CUDA")
 
 
-def raise_recompile_limit(limit: int = 64) -> None:
+def raise_recompile_limit(limit: int = 64, accumulated: int = 512) -> None:
     """Every (shape, T, mask) is a recompile of ``flex_attention`` (``dynamic=False``), in the
     baselines and in flexnsa's own branches alike, and they share one code object: past dynamo's
     default limit of 8 it would silently fall back to eager FlexAttention, which materialises the
-    full score matrix. A benchmark run over many shapes therefore raises the limit."""
+    full score matrix. A benchmark run over many shapes (or kernel options) therefore raises the
+    per-code-object limit to ``limit`` and the total over all of them to ``accumulated`` (never
+    lowers either)."""
     import torch._dynamo
 
-    for name in ("cache_size_limit", "recompile_limit"):
+    wanted = {"cache_size_limit": limit, "recompile_limit": limit, "accumulated_cache_size_limit": accumulated,
+              "accumulated_recompile_limit": accumulated}  # fmt: skip
+    for name, value in wanted.items():
         if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), value))
 
 
 @functools.cache

@@ -36,6 +36,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 import torch  # noqa: E402
+from _cases import raise_recompile_limit  # noqa: E402
 
 import flexnsa  # noqa: E402  (installed: pip install -e .)
 
@@ -59,16 +60,6 @@ DEVICE = "cuda"
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def _set_compile_limits() -> None:
-    """One compiled flex_attention serves every shape here (about 20): raise dynamo's limit."""
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 256)
-    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 1024)
-
-
 def _randn(shape, dtype, seed):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     return torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype)
@@ -439,7 +430,7 @@ def main() -> int:
         return 2
     start = time.perf_counter()
     torch.set_float32_matmul_precision("highest")  # fp32 checks: no TF32 anywhere
-    _set_compile_limits()
+    raise_recompile_limit(256, 1024)  # one compiled flex_attention serves every shape here (about 20)
     out_dir = pathlib.Path(os.environ.get("OUT", str(REPO_ROOT / "perf" / "results" / "tmp")))
     report = Report()
     meta = _meta()
