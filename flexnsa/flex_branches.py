@@ -10,10 +10,12 @@ Compressed-branch backward on CUDA: FlexAttention's dK/dV pass runs one program 
 each looping over every query. With ``Tc ~ T/16`` keys that is too few programs to fill the GPU,
 so when gradients are needed the queries are split into ``C`` chunks folded into the head
 dimension (``[B, H, T, D] -> [B, H*C, T/C, D]``, a view: head ``h*C + c`` is chunk ``c`` of head
-``h``; the mask recovers the raw position ``t = (h mod C) * T/C + q_idx``) and K/V are repeated to
-the ``H*C`` virtual heads, so that each chunk has its own dK/dV programs (their gradients sum back
-through the repeat). Every chunk attends the same keys, so the result is exactly that of the
-unchunked computation; see :func:`default_num_chunks`.
+``h``; the mask recovers the raw position ``t = (h mod C) * T/C + q_idx``) and every virtual head gets
+its own K/V, so that each chunk has its own dK/dV programs: the KV heads are folded into the batch
+(entry ``b * HKV + g`` holds the ``G * C`` virtual heads of KV head ``g``, still a view of q) and K/V
+expanded over those heads with stride 0, no copy (their gradients sum back through the expand).
+Every chunk attends the same keys, so the result is exactly that of the unchunked computation; see
+:func:`default_num_chunks`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ _COMPRESSED_TMA_MIN_KEYS = 2048
 # 64-row BlockMask leaves it no kernel at all.
 _WINDOW_FWD_BLOCK = 64
 _WINDOW_BLOCK: int | None = None  # benchmarks only (perf/gpu_sweep.py): force the window's BlockMask tiles
+_KV_COPY = False  # benchmarks only (perf/gpu_sweep.py): the compressed K/V copied per virtual head, not expanded
 _TARGET_KV_PROGRAMS = 1024  # dK/dV programs wanted in the compressed backward (H200: 132 SMs)
 _MIN_CHUNK = 1024  # shortest query chunk worth a batch entry
 _MAX_CHUNKS = 64
@@ -220,12 +223,16 @@ def _chunk_layout(seq_len: int, num_chunks: int) -> tuple[int, int]:
     return -(-seq_len // chunk_len), chunk_len
 
 
-def _compressed_mask_mod(config: NSAConfig, num_chunks: int, chunk_len: int, seq_len: int, user_mask_mod):
+def _compressed_mask_mod(
+    config: NSAConfig, num_chunks: int, chunk_len: int, seq_len: int, user_mask_mod, kv_fold: int = 1, group: int = 1
+):
     """The compressed pattern in the chunked layout: query row ``q_idx`` of virtual head ``h`` is raw
     position ``t = (h mod C) * Tq + q_idx`` of query head ``h div C``; with a user mask_mod, compressed
     token ``i`` also needs ``user(b, h div C, t, i*d)`` and ``user(b, h div C, t, i*d + l - 1)``. The
     user mask only ever sees positions ``< T``: padding rows (``t >= T``, dropped from the output) ask
-    about ``T - 1``."""
+    about ``T - 1``. ``kv_fold > 1``: the KV heads are folded into the batch (batch entry
+    ``b * kv_fold + g`` holds the ``group * C`` virtual heads of KV head ``g``), so the user mask is
+    asked about batch ``b div kv_fold`` and query head ``(b mod kv_fold) * group + h div C``."""
     l, d = config.cmp_block, config.cmp_stride
     if num_chunks == 1 and user_mask_mod is None:
         return compressed_causal(l, d).mask_mod
@@ -236,18 +243,22 @@ def _compressed_mask_mod(config: NSAConfig, num_chunks: int, chunk_len: int, seq
         visible = kv_idx * d + (l - 1) <= t
         if user_mask_mod is None:
             return visible
-        head, t_user = h // C, torch.clamp(t, max=last_pos)
+        batch, head = b // kv_fold, (b % kv_fold) * group + h // C
+        t_user = torch.clamp(t, max=last_pos)
         first = torch.clamp(kv_idx * d, max=last_pos)
         last = torch.clamp(kv_idx * d + (l - 1), max=last_pos)
-        return visible & user_mask_mod(b, head, t_user, first) & user_mask_mod(b, head, t_user, last)
+        return visible & user_mask_mod(batch, head, t_user, first) & user_mask_mod(batch, head, t_user, last)
 
     suffix = "" if user_mask_mod is None else " & user"
     return named(f"compressed_causal_l{l}_d{d}_chunks{C}{suffix}", compressed_chunked)
 
 
-def _compressed_block_mask(seq_len, num_cmp, config, heads, num_chunks, chunk_len, device, user_mask_mod):
+def _compressed_block_mask(
+    seq_len, num_cmp, config, heads, num_chunks, chunk_len, device, user_mask_mod, kv_fold: int = 1
+):
     """Closed-form compressed BlockMask ``[1, H*C or 1, Tq, Tc]``: the tables of the unchunked
-    ``[C*Tq, Tc]`` pattern cut into ``C`` row slabs, one per chunk (virtual head ``h*C + c``)."""
+    ``[C*Tq, Tc]`` pattern cut into ``C`` row slabs, one per chunk (virtual head ``h*C + c``);
+    ``heads`` query heads per batch entry (``kv_fold``: see :func:`_compressed_mask_mod`)."""
     l, d = config.cmp_block, config.cmp_stride
 
     def build():
@@ -259,7 +270,7 @@ def _compressed_block_mask(seq_len, num_cmp, config, heads, num_chunks, chunk_le
             nkb = any_blocks.shape[-1]
             any_blocks = any_blocks.reshape(1, num_chunks, -1, nkb).repeat(1, heads, 1, 1)
             full_blocks = full_blocks.reshape(1, num_chunks, -1, nkb).repeat(1, heads, 1, 1)
-        mask_mod = _compressed_mask_mod(config, num_chunks, chunk_len, seq_len, user_mask_mod)
+        mask_mod = _compressed_mask_mod(config, num_chunks, chunk_len, seq_len, user_mask_mod, kv_fold, heads)
         return block_mask_from_tables(any_blocks, full_blocks, mask_mod, chunk_len, num_cmp, _Q_BLOCK)
 
     key = (
@@ -268,8 +279,9 @@ def _compressed_block_mask(seq_len, num_cmp, config, heads, num_chunks, chunk_le
         num_cmp,
         l,
         d,
-        heads if num_chunks > 1 else 0,
+        heads if num_chunks > 1 or user_mask_mod is not None else 0,
         num_chunks,
+        kv_fold if user_mask_mod is not None else 1,
         _device_key(device),
     )
     return cached_block_mask(key, build, user_mask_mod)
@@ -294,24 +306,30 @@ def _from_chunks(x: torch.Tensor, heads: int, seq_len: int) -> torch.Tensor:
 
 def _flex_compressed(path, q, k_cmp, v_cmp, config, scale, want_lse, user_mask_mod, num_chunks, expand):
     """FlexAttention on the compressed tokens in ``num_chunks`` query chunks (virtual heads). K/V are
-    repeated to every virtual head when there are several chunks (the chunks exist to give each its
-    own dK/dV programs) and, with ``expand``, to the ``HQ`` query heads; their gradients sum back
-    through ``repeat_interleave``. Otherwise GQA maps the query heads onto the ``HKV`` K/V heads."""
-    B, HQ, T, _ = q.shape
-    HKV, Tc = k_cmp.shape[1], k_cmp.shape[2]
+    given to every virtual head when there are several chunks (the chunks exist to give each its
+    own dK/dV programs) and, with ``expand``, to each of the ``HQ`` query heads: the KV heads are
+    folded into the batch (entry ``b * HKV + g`` holds the ``G * C`` virtual heads of KV head ``g``, a
+    view of q) and K/V expanded over those heads with stride 0 (no copy; their gradients sum back
+    through the expand). Otherwise GQA maps the query heads onto the ``HKV`` K/V heads."""
+    B, HQ, T, Dk = q.shape
+    HKV, Tc, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[-1]
     C, Tq = _chunk_layout(T, num_chunks)
-    block_mask = _compressed_block_mask(T, Tc, config, HQ, C, Tq, q.device, user_mask_mod)
-    if C > 1 or (expand and HQ > HKV):  # virtual head h*C + c reads KV head h // G
-        k_cmp = k_cmp.repeat_interleave(HQ * C // HKV, dim=1)  # [B, HQ*C, Tc, Dk]
-        v_cmp = v_cmp.repeat_interleave(HQ * C // HKV, dim=1)  # [B, HQ*C, Tc, Dv]
-    if C == 1:
-        options = _COMPRESSED_FWD_OPTIONS if Tc >= _COMPRESSED_TMA_MIN_KEYS else None
+    options = _COMPRESSED_FWD_OPTIONS if C == 1 and Tc >= _COMPRESSED_TMA_MIN_KEYS else None
+    if C == 1 and not (expand and HQ > HKV):
+        block_mask = _compressed_block_mask(T, Tc, config, HQ, 1, T, q.device, user_mask_mod)
         out, lse = call_flex(path, q, k_cmp, v_cmp, block_mask, scale, want_lse, forward_options=options)
     else:
-        q_chunks = _to_chunks(q.contiguous(), C, Tq)  # [B, HQ*C, Tq, Dk]
-        out, lse = call_flex(path, q_chunks, k_cmp, v_cmp, block_mask, scale, want_lse)
-        out = _from_chunks(out, HQ, T)  # [B, HQ, T, Dv]
-        lse = None if lse is None else _from_chunks(lse, HQ, T)  # [B, HQ, T]
+        G = HQ // HKV
+        block_mask = _compressed_block_mask(T, Tc, config, G, C, Tq, q.device, user_mask_mod, kv_fold=HKV)
+        # a view of contiguous q (C == 1: also of a [B, T, H, D]-strided q when B == 1)
+        q_virtual = _to_chunks(q if C == 1 else q.contiguous(), C, Tq).reshape(B * HKV, G * C, Tq, Dk)
+        k_virtual = k_cmp.reshape(B * HKV, 1, Tc, Dk).expand(B * HKV, G * C, Tc, Dk)  # stride 0 over heads
+        v_virtual = v_cmp.reshape(B * HKV, 1, Tc, Dv).expand(B * HKV, G * C, Tc, Dv)
+        if _KV_COPY:
+            k_virtual, v_virtual = k_virtual.contiguous(), v_virtual.contiguous()
+        out, lse = call_flex(path, q_virtual, k_virtual, v_virtual, block_mask, scale, want_lse, forward_options=options)
+        out = _from_chunks(out.reshape(B, HQ * C, Tq, Dv), HQ, T)  # [B, HQ, T, Dv]
+        lse = None if lse is None else _from_chunks(lse.reshape(B, HQ * C, Tq), HQ, T)  # [B, HQ, T]
     if lse is not None:
         # queries t < l - 1 see no compressed token: lse = -inf (FlexAttention gives -inf for
         # empty rows already; this pins the contract whatever the kernel version does)
@@ -349,8 +367,8 @@ def compressed_attention(
         _path: private path override (see :mod:`flexnsa.flex_runtime`).
         _num_chunks: private override of the query chunks (see :func:`default_num_chunks`); by
             default chunks are used only on CUDA when gradients are needed.
-        _expand_heads: private override: repeat ``k_cmp``/``v_cmp`` to the ``HQ`` query heads before
-            FlexAttention (default: on CUDA when gradients are needed and ``HKV < HQ``).
+        _expand_heads: private override: give each of the ``HQ`` query heads its own (stride-0) view of
+            ``k_cmp``/``v_cmp`` instead of GQA (default: on CUDA when gradients are needed and ``HKV < HQ``).
 
     Returns:
         ``o [B, HQ, T, Dv]`` in ``q.dtype``, or ``(o, lse)``. Queries ``t < l - 1`` (and rows the
@@ -386,10 +404,10 @@ def compressed_attention(
     HKV = k_cmp.shape[1]
     if _expand_heads is None:
         # FlexAttention's dK/dV pass runs one program per (key tile, KV head) and loops over the G
-        # query heads of the group: with Tc = T/16 keys that is too few programs. K/V repeated to the
-        # HQ query heads give G times more (their gradients sum back through repeat_interleave):
-        # H200, paper shape, forward+backward of this branch 2.09 -> 1.63 ms at 8k, 49.25 -> 47.96 ms
-        # at 64k (perf/NOTES.md, session 4)
+        # query heads of the group: with Tc = T/16 keys that is too few programs. K/V given to each of
+        # the HQ query heads give G times more (their gradients sum back over the heads): H200, paper
+        # shape, forward+backward of this branch 2.09 -> 1.63 ms at 8k, 49.25 -> 47.96 ms at 64k
+        # (perf/NOTES.md, session 4, then as copies; session 11: stride-0 views, no copy)
         _expand_heads = wants_grad and q.is_cuda and HKV < HQ
     if _num_chunks is None:
         _num_chunks = default_num_chunks(T, Tc, B, HQ if _expand_heads else HKV) if wants_grad and q.is_cuda else 1

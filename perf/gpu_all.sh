@@ -37,6 +37,7 @@ CMD[profile]="python3 perf/gpu_profile.py";  LIMIT[profile]=200
 CMD[sweep]="python3 perf/gpu_sweep.py";    LIMIT[sweep]=240
 CMD[ncu]="bash perf/gpu_ncu.sh";             LIMIT[ncu]=150
 CMD[overhead]="python3 perf/gpu_overhead.py"; LIMIT[overhead]=150
+CMD[streams]="python3 perf/gpu_streams.py"; LIMIT[streams]=200
 summary=""
 for stage in "$@"; do
   name=${stage%%:*}; limit=${stage#*:}; [ "$limit" = "$stage" ] && limit=${LIMIT[$name]}

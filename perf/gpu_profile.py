@@ -6,7 +6,10 @@ sorted by total device time (ms per iteration, calls per iteration, share of the
 durations, so launch gaps do not appear in them; the wall time per iteration (CUDA events) is given
 next to their sum.
 
-    python perf/gpu_profile.py [--cases paper:8192:fwdbwd,paper:65536:fwd,decode:65536]
+    python perf/gpu_profile.py [--cases paper:8192:fwdbwd,paper:65536:fwd,paper:65536:infer,decode:65536]
+
+Modes: ``fwd`` (the forward with autograd recording, as in training), ``fwdbwd``, ``infer`` (the forward
+under ``torch.no_grad()``).
 """
 
 from __future__ import annotations
@@ -52,7 +55,14 @@ def nsa_case(shape_name: str, seq_len: int, mode: str):
             leaf.grad = None
         case.fwd_bwd()
 
-    return (case.fwd if mode == "fwd" else fwd_bwd), inp
+    def infer():  # the forward without autograd (prefill, inference)
+        with torch.no_grad():
+            return case.fwd()
+
+    modes = {"fwd": case.fwd, "fwdbwd": fwd_bwd, "infer": infer}
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
+    return modes[mode], inp
 
 
 def decode_case(context: int):

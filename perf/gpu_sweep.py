@@ -87,11 +87,24 @@ VARIANTS = {
     # window branch forward+backward; bwd_ tiles added to the library's forward tiles
     # (session 10: with "block": 64 every backward variant failed to compile, NoValidChoicesError: inductor
     # filters its one default configuration, 64x128 / 128x64, by the BlockMask's tiles before the options apply)
+    # (session 11, sweep-11.md: a 64-row BlockMask with gradients, compiled with max_autotune so that inductor has
+    # backward tiles dividing it: 14.15 against 15.13 ms at 64k, but the autotuner benchmarks its candidates on
+    # dense BlockMask inputs, ~4 minutes per shape at 64k; not adopted, the hook removed)
     "flex_win_train": [{}, {"inductor": True}, *BWD_TILES],
     # the training forward alone (autograd recording): default = the branch's forward tiles with the
     # fwd_ prefix (compressed: Tc >= 2048 only); {"inductor": True}: no kernel_options at all
     "flex_cmp_train_fwd": [{}, {"inductor": True}],
-    "flex_win_train_fwd": [{}, {"inductor": True}],
+    "flex_win_train_fwd": [{}, {"inductor": True}, {"block": 64}],
+    # the whole nsa_attention in training (forward+backward, and the forward alone with autograd recording) and
+    # the compressed branch's forward+backward with the library's layout; kv_copy: its K/V copied to every
+    # virtual head (the layout before session 11) instead of expanded with stride 0 over the KV heads folded
+    # into the batch. Each variant twice, alternating: the spread between equal variants is the noise.
+    # (session 11, sweep-11.md: PRESCALE_QK in both FlexAttention branches, q scaled by scale * log2(e) and
+    # rounded once: 8k forward+backward 8.94 against 8.86 ms, 64k forward 39.70 / 40.05 against 40.26 / 40.36,
+    # with "about 20% more numerical error" (inductor's note) in the log-sum-exp that drives the selection)
+    "flex_nsa_train": [{}, {"kv_copy": True}] * 2,
+    "flex_nsa_train_fwd": [{}, {"kv_copy": True}] * 2,
+    "flex_cmp_train_lib": [{}, {"kv_copy": True}] * 2,
     # CHUNK: queries per dK/dV work item (default: custom_ops/selected_bwd.dkv_chunk).
     # (ROWS 32/128, 8 warps, 1 stage and CHUNK 256 were slower than the default at 64k in sweep-2.md;
     # session 8: work items ordered by query segments slower at 8k and 64k, since removed; sweep-8.md)
@@ -124,6 +137,7 @@ def set_flex_options(variant: dict | None) -> None:
     ``variant["block"]`` forces the window BlockMask's tiles (else the library's choice)."""
     variant = dict(variant or {})
     flex_branches._WINDOW_BLOCK = variant.pop("block", None)  # the window's BlockMask tiles (None: the library's)
+    flex_branches._KV_COPY = variant.pop("kv_copy", False)  # compressed K/V copied per virtual head (before session 11)
     flex_runtime.KERNEL_OPTIONS_EXTRA = variant.pop("extra", None)
     if variant.pop("inductor", False):
         flex_runtime.KERNEL_OPTIONS_OVERRIDE = {}
@@ -149,6 +163,8 @@ def main() -> int:
     parser.add_argument("--seq-lens", default="65536,8192")
     parser.add_argument("--kernels", default=",".join(VARIANTS))
     parser.add_argument("--budget", type=float, default=150.0)
+    parser.add_argument("--only-default", action="store_true", help="each kernel's first variant only (a kernel "
+                        "named twice runs twice: same-process drift)")
     args = parser.parse_args()
     out_dir = os.environ.get("OUT", "perf/results/tmp")
     os.makedirs(out_dir, exist_ok=True)
@@ -197,9 +213,27 @@ def main() -> int:
             out_w.backward(do_c)
 
         kg, vg = k.detach().requires_grad_(True), v.detach().requires_grad_(True)
+        gg = gates.detach().requires_grad_(True)
+
+        def nsa_train_fwd():
+            return flexnsa.nsa_attention(qg, kg, vg, kcg, vcg, gg, cfg, scale=scale)
+
+        def nsa_train():
+            nsa_train_fwd().backward(do_c)
+
+        def cmp_lib_train():  # the compressed branch forward+backward with the library's layout
+            out_c, lse_c = flexnsa.compressed_attention(qg, kcg, vcg, cfg, scale=scale, return_lse=True)
+            torch.autograd.backward((out_c, lse_c), (do_c, torch.zeros_like(lse_c)))
+
+        train_calls = {  # forward+backward with the options of set_flex_options (gradients compared)
+            "flex_nsa_train": (nsa_train, (qg, kg, vg, kcg, vcg, gg)),
+            "flex_cmp_train_lib": (cmp_lib_train, (qg, kcg, vcg)),
+        }
+
         train_fwd = {  # forwards with autograd recording (the graph is dropped: no backward)
             "flex_cmp_train_fwd": lambda: flexnsa.compressed_attention(qg, kcg, vcg, cfg, scale=scale, return_lse=True),
             "flex_win_train_fwd": lambda: flexnsa.sliding_window_attention(qg, kg, vg, cfg.window, scale=scale),
+            "flex_nsa_train_fwd": nsa_train_fwd,
         }
         sg = small_group_problem(T, cfg, scale, g) if any(n.endswith("_sg") for n in args.kernels.split(",")) else None
         if sg is not None:
@@ -235,14 +269,17 @@ def main() -> int:
             calls["selected_dq_ds_sg"] = calls["selected_dq_sg"]
         first_grads = {}  # backward kernels: (dq, dk, dv) of each kernel's first variant
         for name in args.kernels.split(","):
-            for variant in VARIANTS[name]:
+            for variant in VARIANTS[name][:1] if args.only_default else VARIANTS[name]:
                 if time.time() - t_start > args.budget:
                     print("budget spent", flush=True)
                     break
                 kernel_utils.TUNING.clear()
                 row = {"T": T, "kernel": name, "variant": json.dumps(variant)}
-                if name in train_fwd or name in ("flex_cmp_train", "flex_win_train"):  # autograd: outside no_grad
-                    if name == "flex_cmp_train":  # cmp_train / win_train set the options themselves
+                if name in train_fwd or name in train_calls or name in ("flex_cmp_train", "flex_win_train"):
+                    if name in train_calls:  # autograd recording: outside no_grad
+                        set_flex_options(variant)
+                        fn, leaves = train_calls[name]
+                    elif name == "flex_cmp_train":  # cmp_train / win_train set the options themselves
                         fn, leaves = (lambda: cmp_train(**variant)), (qg, kcg, vcg)
                     elif name == "flex_win_train":
                         fn, leaves = (lambda: win_train(**variant)), (qg, kg, vg)
@@ -250,6 +287,17 @@ def main() -> int:
                         set_flex_options(variant)
                         fn, leaves = train_fwd[name], ()
                     try:
+                        if name in train_calls:  # gradients against the first variant's
+                            for x in leaves:
+                                x.grad = None
+                            fn()
+                            grads = [x.grad.detach().clone() for x in leaves]
+                            first = first_grads.setdefault(name, grads)
+                            row["max_abs_diff_o"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(grads, first))
+                        if name == "flex_nsa_train_fwd":  # the output against the first variant's
+                            out = fn().detach()
+                            first = first_grads.setdefault(name, out)
+                            row["max_abs_diff_o"] = float((out.float() - first.float()).abs().max())
                         row["ms"] = median_ms(fn, q.device, leaves=leaves)
                     except Exception as err:
                         row["error"] = repr(err)[:160]
@@ -261,7 +309,8 @@ def main() -> int:
                     set_flex_options(variant)
                 else:
                     kernel_utils.TUNING[TUNING_KEY.get(name, name.removesuffix("_corr").removesuffix("_sg"))] = dict(variant)
-                os.environ["FLEXNSA_SELECT_IMPL"] = "split" if name.startswith("select_split") else "v2"
+                if name.startswith("select_"):  # the select kernels' own variants; every other call: the library's
+                    os.environ["FLEXNSA_SELECT_IMPL"] = "split" if name.startswith("select_split") else "v2"
                 try:
                     with torch.no_grad():
                         out = calls[name]()
@@ -281,7 +330,7 @@ def main() -> int:
                 os.environ.pop("FLEXNSA_SELECT_IMPL", None)
                 rows.append(row)
                 print(row, flush=True)
-        del q, k, v, kc, vc, gates, lse, o, do, qg, kcg, vcg, kg, vg, do_c, q_corr, idx_corr, o_corr, lse_corr, sg, calls
+        del q, k, v, kc, vc, gates, gg, lse, o, do, qg, kcg, vcg, kg, vg, do_c, q_corr, idx_corr, o_corr, lse_corr, sg, calls
         torch.cuda.empty_cache()
     md = ["# Launch-parameter sweep (bf16, B=1, HQ=64, HKV=4, D=128, paper config)", "",
           "| T | kernel | variant | ms | select rows differing from default / max abs diff of o (fwd) or of dq, dk, dv (bwd) from the first variant | error |", "|---|---|---|---|---|---|"]

@@ -331,6 +331,27 @@ def test_head_dependent_mask_mod_uses_query_heads():
         torch.testing.assert_close(out.double(), exact, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunks, expand", [(1, False), (1, True), (3, False), (3, True)])
+def test_compressed_mask_mod_sees_batch_and_query_head_in_every_layout(chunks, expand):
+    """The compressed branch's virtual-head layouts (query chunks, KV heads folded into the batch with
+    K/V expanded over their query heads) still ask the user mask about the real batch entry and query
+    head: a mask that depends on both gives the reference's output and log-sum-exp."""
+    cfg = flexnsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, window=32)
+    s = dict(B=2, HQ=6, HKV=2, T=301, Dk=16, Dv=8, seed=5)
+    q, kc, vc = compressed_inputs(s, cfg)
+
+    def batch_and_head(b, h, q_idx, kv_idx):
+        return ((h + b) % 3 != 0) | (kv_idx % 2 == 0)
+
+    out, lse = fb.compressed_attention(
+        q, kc, vc, cfg, return_lse=True, mask_mod=batch_and_head, _path="flex_eager",
+        _num_chunks=chunks, _expand_heads=expand,
+    )  # fmt: skip
+    exact, exact_lse = fb.compressed_attention(q, kc, vc, cfg, return_lse=True, mask_mod=batch_and_head, _path="reference")
+    torch.testing.assert_close(out, exact.to(out.dtype), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, exact_lse.to(lse.dtype), atol=2e-6, rtol=1e-5)
+
+
 # ---- compiled FlexAttention on the CPU (the default inference path) -------------------------
 @pytest.mark.slow
 @pytest.mark.skipif(not flex_runtime.CPU_CAN_COMPILE, reason="no C++ compiler for inductor")
