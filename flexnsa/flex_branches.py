@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import reference
 from ._checks import _check_tensor, _expect_shape, check_config, check_qk, check_scale
 from .config import NSAConfig
-from .flex_runtime import cached_block_mask, call_flex, choose_path, kernel_options_for, needs_grad
+from .flex_runtime import cached_block_mask, call_flex, choose_path, needs_grad, takes_forward_options
 from .masks.compressed_causal import compressed_causal
 from .masks.pattern import DEFAULT_BLOCK_SIZE, block_mask_from_tables, evaluate_mask_mod, named
 from .masks.sliding_window import sliding_window
@@ -55,7 +55,6 @@ _COMPRESSED_TMA_MIN_KEYS = 2048
 # 64-row BlockMask leaves it no kernel at all.
 _WINDOW_FWD_BLOCK = 64
 _WINDOW_BLOCK: int | None = None  # benchmarks only (perf/gpu_sweep.py): force the window's BlockMask tiles
-_KV_COPY = False  # benchmarks only (perf/gpu_sweep.py): the compressed K/V copied per virtual head, not expanded
 _TARGET_KV_PROGRAMS = 1024  # dK/dV programs wanted in the compressed backward (H200: 132 SMs)
 _MIN_CHUNK = 1024  # shortest query chunk worth a batch entry
 _MAX_CHUNKS = 64
@@ -131,8 +130,7 @@ def window_tile(q: torch.Tensor, v: torch.Tensor, grad: bool) -> int:
     which divide it), else the default 128 (see ``_WINDOW_FWD_BLOCK``)."""
     if _WINDOW_BLOCK is not None:
         return _WINDOW_BLOCK
-    fwd_tiles = kernel_options_for(q, v, _WINDOW_FWD_OPTIONS) == _WINDOW_FWD_OPTIONS
-    return _WINDOW_FWD_BLOCK if fwd_tiles and not grad else _Q_BLOCK
+    return _WINDOW_FWD_BLOCK if takes_forward_options(q, v) and not grad else _Q_BLOCK
 
 
 def _window_block_mask(seq_len: int, window: int, device: torch.device, user_mask_mod, block: int = _Q_BLOCK):
@@ -279,9 +277,9 @@ def _compressed_block_mask(
         num_cmp,
         l,
         d,
-        heads if num_chunks > 1 or user_mask_mod is not None else 0,
+        heads,
         num_chunks,
-        kv_fold if user_mask_mod is not None else 1,
+        kv_fold,
         _device_key(device),
     )
     return cached_block_mask(key, build, user_mask_mod)
@@ -325,8 +323,6 @@ def _flex_compressed(path, q, k_cmp, v_cmp, config, scale, want_lse, user_mask_m
         q_virtual = _to_chunks(q if C == 1 else q.contiguous(), C, Tq).reshape(B * HKV, G * C, Tq, Dk)
         k_virtual = k_cmp.reshape(B * HKV, 1, Tc, Dk).expand(B * HKV, G * C, Tc, Dk)  # stride 0 over heads
         v_virtual = v_cmp.reshape(B * HKV, 1, Tc, Dv).expand(B * HKV, G * C, Tc, Dv)
-        if _KV_COPY:
-            k_virtual, v_virtual = k_virtual.contiguous(), v_virtual.contiguous()
         out, lse = call_flex(path, q_virtual, k_virtual, v_virtual, block_mask, scale, want_lse, forward_options=options)
         out = _from_chunks(out.reshape(B, HQ * C, Tq, Dv), HQ, T)  # [B, HQ, T, Dv]
         lse = None if lse is None else _from_chunks(lse.reshape(B, HQ * C, Tq), HQ, T)  # [B, HQ, T]

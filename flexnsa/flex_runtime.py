@@ -37,6 +37,7 @@ __all__ = [
     "PATHS",
     "choose_path",
     "needs_grad",
+    "takes_forward_options",
     "call_flex",
     "cached_block_mask",
     "clear_block_mask_cache",
@@ -163,11 +164,16 @@ def kernel_options_for(
     return _kernel_options(q, v, forward_options, forward_only)
 
 
+def takes_forward_options(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a branch's measured forward tiles apply to these inputs: 16-bit CUDA tensors with head
+    dims <= 128 (the tiles were measured there; larger head dims or float32 need other tiles)."""
+    return q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and max(q.shape[-1], v.shape[-1]) <= 128
+
+
 def _kernel_options(q, v, forward_options, forward_only):
-    on_cuda, head_dim = q.device.type == "cuda", max(q.shape[-1], v.shape[-1])
-    if on_cuda and q.dtype == torch.float32 and head_dim > 128:
+    if q.device.type == "cuda" and q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 128:
         return dict(_SMALL_TILES)
-    if forward_options and on_cuda and q.dtype in (torch.bfloat16, torch.float16) and head_dim <= 128:
+    if forward_options and takes_forward_options(q, v):
         return {("" if forward_only else "fwd_") + name: value for name, value in forward_options.items()}
     return None
 

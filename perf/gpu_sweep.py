@@ -96,15 +96,15 @@ VARIANTS = {
     "flex_cmp_train_fwd": [{}, {"inductor": True}],
     "flex_win_train_fwd": [{}, {"inductor": True}, {"block": 64}],
     # the whole nsa_attention in training (forward+backward, and the forward alone with autograd recording) and
-    # the compressed branch's forward+backward with the library's layout; kv_copy: its K/V copied to every
-    # virtual head (the layout before session 11) instead of expanded with stride 0 over the KV heads folded
-    # into the batch. Each variant twice, alternating: the spread between equal variants is the noise.
+    # the compressed branch's forward+backward with the library's layout (run twice: the spread is the noise)
+    # (session 11, sweep-11.md: the compressed K/V copied to every virtual head, the layout before the stride-0
+    # views, 8.862 / 8.835 against 8.771 / 8.766 ms at 8k forward+backward; the hook removed, rerun at e9ae1c5)
     # (session 11, sweep-11.md: PRESCALE_QK in both FlexAttention branches, q scaled by scale * log2(e) and
     # rounded once: 8k forward+backward 8.94 against 8.86 ms, 64k forward 39.70 / 40.05 against 40.26 / 40.36,
     # with "about 20% more numerical error" (inductor's note) in the log-sum-exp that drives the selection)
-    "flex_nsa_train": [{}, {"kv_copy": True}] * 2,
-    "flex_nsa_train_fwd": [{}, {"kv_copy": True}] * 2,
-    "flex_cmp_train_lib": [{}, {"kv_copy": True}] * 2,
+    "flex_nsa_train": [{}] * 2,
+    "flex_nsa_train_fwd": [{}] * 2,
+    "flex_cmp_train_lib": [{}] * 2,
     # CHUNK: queries per dK/dV work item (default: custom_ops/selected_bwd.dkv_chunk).
     # (ROWS 32/128, 8 warps, 1 stage and CHUNK 256 were slower than the default at 64k in sweep-2.md;
     # session 8: work items ordered by query segments slower at 8k and 64k, since removed; sweep-8.md)
@@ -137,7 +137,6 @@ def set_flex_options(variant: dict | None) -> None:
     ``variant["block"]`` forces the window BlockMask's tiles (else the library's choice)."""
     variant = dict(variant or {})
     flex_branches._WINDOW_BLOCK = variant.pop("block", None)  # the window's BlockMask tiles (None: the library's)
-    flex_branches._KV_COPY = variant.pop("kv_copy", False)  # compressed K/V copied per virtual head (before session 11)
     flex_runtime.KERNEL_OPTIONS_EXTRA = variant.pop("extra", None)
     if variant.pop("inductor", False):
         flex_runtime.KERNEL_OPTIONS_OVERRIDE = {}
