@@ -289,13 +289,6 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float, 
     one-query kernel. The same keys in ``TUNING["selected_dq"]`` set the dq kernels.
     """
     options = dict(TUNING.get("selected_fwd", {}))
-    keys = options.pop("KEYS", False)
-    if not isinstance(keys, bool):
-        raise ValueError(f"TUNING['selected_fwd']['KEYS'] must be True or False, got {keys!r}")
-    if keys:  # opt-in: by key blocks, then a merge (custom_ops/selected_fwd_keys.py)
-        from .selected_fwd_keys import selected_fwd_keys_launch
-
-        return selected_fwd_keys_launch(launch, q, k, v, indices, slc_block, scale, combine, TUNING.get("selected_fwd_keys", {}))
     B, HQ, T, Dk = q.shape
     HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
     G = HQ // HKV

@@ -54,9 +54,9 @@ VARIANTS = {
     # the one-query kernel
     # (session 10, sweep-10.md: a claim kernel queueing the taken tiles for the union kernel, so that its
     # programs past them end at once: random 64k even with QT 1, but correlated selections slower; removed)
-    "selected_fwd": [{}, {"KEYS": True}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
-    # KEYS: the forward by key blocks (custom_ops/selected_fwd_keys.py); its own launch (TUNING["selected_fwd_keys"])
-    "selected_fwd_keys": [{}, {"ROWS": 128, "num_warps": 8}, {"ROWS": 32}, {"num_stages": 3}, {"CHUNK": 1024}],
+    "selected_fwd": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 2}],
+    # (session 12, sweep-12.md: the forward by key blocks, per-entry partial softmaxes then a merge, commit
+    # 31652cc: 8k 2.14 against 1.72 ms, 64k 16.96 against 15.6; removed)
     # the whole selected backward; default: dq from the dK/dV kernel's stored dS; DS_BUFFER False (or any
     # tile key): the direct dq kernels
     "selected_dq": [{}, {"DS_BUFFER": False}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"num_warps": 2}],
@@ -67,7 +67,7 @@ VARIANTS = {
     "selected_dq_ds_sg": [{}, {"QT": 1}, {"QT": 2}, {"QT": 8}],
     # the same kernels on the selections of correlated queries (each query the mean of 64 random ones,
     # rescaled): neighbours then share most blocks, as in trained models
-    "selected_fwd_corr": [{}, {"KEYS": True}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 8}],
+    "selected_fwd_corr": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 8}],
     "selected_dq_corr": [{}, {"QT": 1}, {"QT": 4, "MAX_UNION": 64}, {"QT": 4, "MAX_UNION": 36}, {"QT": 8}],
     # small-group shape (HQ=32, HKV=8: G=4), random inputs. Default: union tiles of 4 queries x 4 heads
     # = 16 rows, every tile; {"union_rows": 16, "MAX_UNION": 42} is the previous default (each query's
@@ -106,9 +106,9 @@ VARIANTS = {
     # with "about 20% more numerical error" (inductor's note) in the log-sum-exp that drives the selection)
     "flex_nsa_train": [{}] * 2,
     "flex_nsa_train_fwd": [{}] * 2,
-    # the same with the selected forward by key blocks ("tuning": kernel_utils.TUNING entries), alternating
-    "flex_nsa_train_keys": [{}, {"tuning": {"selected_fwd": {"KEYS": True}}}] * 2,
-    "flex_nsa_train_fwd_keys": [{}, {"tuning": {"selected_fwd": {"KEYS": True}}}] * 2,
+    # the same alternating with kernel_utils.TUNING entries ({"tuning": {...}}), filled in per experiment
+    "flex_nsa_train_tuned": [{}] * 2,
+    "flex_nsa_train_fwd_tuned": [{}] * 2,
     "flex_cmp_train_lib": [{}] * 2,
     # CHUNK: queries per dK/dV work item (default: custom_ops/selected_bwd.dkv_chunk).
     # (ROWS 32/128, 8 warps, 1 stage and CHUNK 256 were slower than the default at 64k in sweep-2.md;
@@ -233,7 +233,7 @@ def main() -> int:
 
         train_calls = {  # forward+backward with the options of set_flex_options (gradients compared)
             "flex_nsa_train": (nsa_train, (qg, kg, vg, kcg, vcg, gg)),
-            "flex_nsa_train_keys": (nsa_train, (qg, kg, vg, kcg, vcg, gg)),
+            "flex_nsa_train_tuned": (nsa_train, (qg, kg, vg, kcg, vcg, gg)),
             "flex_cmp_train_lib": (cmp_lib_train, (qg, kcg, vcg)),
         }
 
@@ -241,7 +241,7 @@ def main() -> int:
             "flex_cmp_train_fwd": lambda: flexnsa.compressed_attention(qg, kcg, vcg, cfg, scale=scale, return_lse=True),
             "flex_win_train_fwd": lambda: flexnsa.sliding_window_attention(qg, kg, vg, cfg.window, scale=scale),
             "flex_nsa_train_fwd": nsa_train_fwd,
-            "flex_nsa_train_fwd_keys": nsa_train_fwd,
+            "flex_nsa_train_fwd_tuned": nsa_train_fwd,
         }
         sg = small_group_problem(T, cfg, scale, g) if any(n.endswith("_sg") for n in args.kernels.split(",")) else None
         if sg is not None:
@@ -269,7 +269,6 @@ def main() -> int:
             "selected_dq_ds": selected_bwd,  # TUNING["selected_dq_ds"] varied
             "selected_dq_ds_stages": selected_bwd,
             "selected_fwd_stages": lambda: custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale),
-            "selected_fwd_keys": lambda: custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale),
         }  # fmt: skip
         if sg is not None:
             calls["selected_fwd_sg"] = lambda: custom_ops.selected_attention(sg["q"], sg["k"], sg["v"], sg["idx"], cfg, scale)
@@ -318,8 +317,6 @@ def main() -> int:
                     set_flex_options(variant)
                 else:
                     kernel_utils.TUNING[TUNING_KEY.get(name, name.removesuffix("_corr").removesuffix("_sg"))] = dict(variant)
-                    if name == "selected_fwd_keys":
-                        kernel_utils.TUNING["selected_fwd"] = {"KEYS": True}
                 if name.startswith("select_"):  # the select kernels' own variants; every other call: the library's
                     os.environ["FLEXNSA_SELECT_IMPL"] = "split" if name.startswith("select_split") else "v2"
                 try:

@@ -586,46 +586,6 @@ def test_interp_edge_cases(G, T, dims, block, n, dtype, rows, idx_dtype, ds_buff
     assert_keyless_rows_zero(o, lse, grads[0], idx, block)
 
 
-@interp_only
-@pytest.mark.parametrize("G, T, dims, block, n, dtype, rows, idx_dtype", EDGE_CASES)
-def test_interp_selected_fwd_by_key_blocks(G, T, dims, block, n, dtype, rows, idx_dtype, monkeypatch):
-    """The opt-in forward by key blocks (``TUNING["selected_fwd"]["KEYS"]``: per-block partial softmaxes,
-    then a merge over the slots) on the edge cases: against the reference (forward and, through the
-    default backward, every gradient), keyless queries exactly ``o = 0``, ``lse = -inf``; work items
-    of 2 queries, ``rows`` query rows per step; NaN-filled ``torch.empty`` (deterministic mode), so that
-    a read of an unwritten partial shows."""
-    from flexnsa.custom_ops import kernel_utils
-
-    Dk, Dv = dims
-    cfg = flexnsa.NSAConfig(block, block, block, n, 0, 0)
-    q, k, v, _, _ = make_problem(cfg, 1, 2, G, T, Dk, Dv, dtype, seed=T + 5)
-    idx = indices_with_keyless_rows(1, 2, T, n, cfg.num_blocks(T), seed=G + 5, dtype=idx_dtype)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"KEYS": True})
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd_keys", {"CHUNK": 2, "ROWS": rows})
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        o, lse, grads = check_attention(q, k, v, idx, cfg, seed=G)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    assert_keyless_rows_zero(o, lse, grads[0], idx, block)
-
-
-@interp_only
-@pytest.mark.parametrize("G, dims, dtype", [(16, (32, 32), torch.bfloat16), (3, (24, 40), torch.float32)])
-def test_interp_selected_fwd_by_key_blocks_gated(G, dims, dtype, monkeypatch):
-    """The forward by key blocks with the gated sum in its merge kernel's epilogue, against the
-    separate combine pass, forward and every gradient."""
-    from flexnsa.custom_ops import kernel_utils
-
-    cfg = flexnsa.NSAConfig(8, 4, 8, 3, 1, 1)
-    q, k, v, k_cmp, lse = make_problem(cfg, 1, 2, G, 45, *dims, dtype, seed=G)
-    idx = custom_ops.select_blocks(q, k_cmp, lse, cfg)
-    monkeypatch.setitem(kernel_utils.TUNING, "selected_fwd", {"KEYS": True})
-    check_gated_against_combine(q, k, v, idx, cfg, seed=G)
-    check_gated_against_combine(q, k, v, idx, cfg, seed=G + 2, use="o")
-
-
 TILE_CASES = [  # G, T, (Dk, Dv), l', n, dtype, QT, indices ("select": the kernel's selection; "random")
     (1, 45, (16, 16), 8, 4, torch.float32, 4, "select"),  # G = 1, T not a multiple of l'
     (3, 37, (24, 40), 8, 3, torch.float16, 8, "random"),  # G = 3, dims not powers of two, random slots
