@@ -38,6 +38,15 @@ def load_kv_block(k_base, v_base, pos, ok, stride_kt, stride_vt,
     return kb, vb
 
 
+def static_sizes(*sizes) -> tuple[int, ...]:
+    """``sizes`` as python ints. The kernels take head counts, head dims and slot counts as
+    ``tl.constexpr`` and the launchers branch on them, so under ``torch.compile`` with dynamic
+    shapes (``dynamic=True``, or the automatic dynamic shapes of a recompile) these sizes are
+    specialised: ``int()`` of a ``SymInt`` adds a guard, and each distinct value gets its own graph,
+    as it gets its own kernel. Sequence and batch lengths stay symbolic where a launcher can keep them."""
+    return tuple(int(size) for size in sizes)
+
+
 def head_tile(G: int) -> int:
     """Rows of a per-query tile: the G heads padded to a power of two >= 16 (``tl.dot`` minimum)."""
     return max(16, triton.next_power_of_2(G))

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_utils import LOG2E, mma, tuned, upcast_dots
+from .kernel_utils import LOG2E, mma, static_sizes, tuned, upcast_dots
 
 __all__ = ["select_topn_launch", "select_impl"]
 
@@ -829,7 +829,8 @@ def select_topn_launch(
     key (``-1`` last), v2 and split unordered (``-1`` in any slot).
     """
     B, HQ, T, Dk = q.shape
-    HKV, Tc = k_cmp.shape[1], k_cmp.shape[2]
+    HQ, HKV, Dk = static_sizes(HQ, k_cmp.shape[1], Dk)
+    Tc = k_cmp.shape[2]
     G = HQ // HKV
     impl = select_impl()
     if impl == "v1":

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_utils import dims_pad, head_tile, load_kv_block, mma, selection_strides, tuned, upcast_dots
+from .kernel_utils import dims_pad, head_tile, load_kv_block, mma, selection_strides, static_sizes, tuned, upcast_dots
 from .query_tiles import (claim_tile, load_tile_selections, tile_plan, union_block, union_block_slot, union_head_rows,
                           union_of_selections)
 
@@ -704,7 +704,7 @@ def selected_bwd_launch(launch, grad_out, q, k, v, out, lse, indices, slc_block:
     a given one is not used), then dK/dV.
     """
     B, HQ, T, Dk = q.shape
-    HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
+    HQ, HKV, Dk, Dv, n = static_sizes(HQ, k.shape[1], Dk, v.shape[-1], indices.shape[-1])
     G = HQ // HKV
     nb = -(-T // slc_block)
     g_pad = head_tile(G)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_utils import LOG2E, TUNING, dims_pad, head_tile, load_kv_block, mma, selection_strides, upcast_dots
+from .kernel_utils import LOG2E, TUNING, dims_pad, head_tile, load_kv_block, mma, selection_strides, static_sizes, upcast_dots
 from .query_tiles import claim_tile, tile_plan, union_block
 
 __all__ = ["selected_fwd_launch"]
@@ -290,7 +290,7 @@ def selected_fwd_launch(launch, q, k, v, indices, slc_block: int, scale: float, 
     """
     options = dict(TUNING.get("selected_fwd", {}))
     B, HQ, T, Dk = q.shape
-    HKV, Dv, n = k.shape[1], v.shape[-1], indices.shape[-1]
+    HQ, HKV, Dk, Dv, n = static_sizes(HQ, k.shape[1], Dk, v.shape[-1], indices.shape[-1])
     G = HQ // HKV
     g_pad = head_tile(G)
     dk_pad, dv_pad = dims_pad(Dk), dims_pad(Dv)

@@ -118,6 +118,8 @@ VARIANTS = {
     # loaded one step ahead so that 3-4 stages double-buffer q/dO: 1.3x slower, since removed)
     # (session 10, sweep-10.md: S^T = K q^T formed keys x rows, so that P^T and dS^T feed their products
     # from registers as in Triton's fused-attention tutorial: 3.588 against 3.333 ms at 8k, slower; removed)
+    # (session 12, sweep-12.md: dV and dK in two launches, one accumulator each: 3.966 against 3.341 ms at 8k,
+    # 33.45 against 26.03 at 64k; not committed)
     "selected_dkv": [{}, {"CHUNK": 1024}, {"CHUNK": 256}, {"num_stages": 3}],
     # software-pipelining depth of the one-query forward and the dq-from-dS kernels (session 9)
     "selected_fwd_stages": [{}, {"num_stages": 3}, {"num_stages": 1}],

@@ -170,6 +170,50 @@ def check_attention(q, k, v, idx, cfg, seed=0):
     return o, lse, grads
 
 
+# ---- the Triton launchers under symbolic shapes -------------------------------------------------
+@cpu_path_only
+@pytest.mark.parametrize("G, HKV", [(1, 2), (3, 1), (4, 2), (16, 1)])
+def test_launchers_trace_with_symbolic_shapes(G, HKV, monkeypatch):
+    """Every op's Triton launcher traced with symbolic sizes (``make_fx(tracing_mode="symbolic")``, as
+    ``torch.compile`` does with ``dynamic=True`` or after a recompile marks sizes dynamic) on meta
+    tensors, the launches recorded, not run: the head counts, head dims and slot counts that the
+    kernels take as constexprs are specialised (``kernel_utils.static_sizes``) instead of failing
+    (seen on the H200: a recompile for the small-group shape, G = 4, raised ValueError in
+    ``tile_plan``); output shapes as declared."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from flexnsa.custom_ops import combine
+
+    monkeypatch.setattr(ops, "use_triton", lambda x: True)
+    monkeypatch.setattr(combine, "_use_triton", lambda x: True)
+    cfg = flexnsa.NSAConfig(8, 4, 8, 3, 1, 1)
+    B, T, Dk, Dv = 2, 40, 16, 24
+    HQ, n, Tc = G * HKV, cfg.num_selected, cfg.num_cmp_tokens(T)
+
+    def every_op(q, k, v, k_cmp, idx, o_cmp, gates):
+        lse_cmp = torch.zeros(q.shape[:3], device=q.device)  # [B, HQ, T]
+        sel = torch.ops.flexnsa.select_blocks(q, k_cmp, lse_cmp, 8, 4, 8, n, 1, 1, 0.25)
+        o, lse = torch.ops.flexnsa.selected_attention(q, k, v, idx, 8, 0.25)
+        y, o_g, lse_g = torch.ops.flexnsa.selected_attention_gated(q, k, v, idx, o_cmp, o_cmp, gates, 8, 0.25)
+        grads = torch.ops.flexnsa.selected_attention_backward(o_cmp, q, k, v, o, lse, idx, 8, 0.25, True)
+        grads_delta = torch.ops.flexnsa.selected_attention_backward(o_cmp, q, k, v, o, lse, idx, 8, 0.25, False, lse)
+        mix = torch.ops.flexnsa.gated_combine(o_cmp, o, o_cmp, gates)
+        combine_grads = torch.ops.flexnsa.gated_combine_backward(o_cmp, o_cmp, o, o_cmp, gates)
+        return sel, o, lse, y, o_g, lse_g, *grads, *grads_delta, mix, *combine_grads
+
+    meta = dict(device="meta")
+    inputs = (torch.empty(B, HQ, T, Dk, **meta), torch.empty(B, HKV, T, Dk, **meta), torch.empty(B, HKV, T, Dv, **meta),
+              torch.empty(B, HKV, Tc, Dk, **meta), torch.empty(B, HKV, T, n, dtype=torch.int32, **meta),
+              torch.empty(B, HQ, T, Dv, **meta), torch.empty(B, HQ, T, 3, **meta))  # fmt: skip
+    graph = make_fx(every_op, tracing_mode="symbolic")(*inputs)
+    outputs = [node for node in graph.graph.nodes if node.op == "output"][0].args[0]
+    shapes = [tuple(int(size) for size in out.meta["val"].shape) for out in outputs]
+    q_shape, o_shape, row_shape = (B, HQ, T, Dk), (B, HQ, T, Dv), (B, HQ, T)
+    k_shape, v_shape = (B, HKV, T, Dk), (B, HKV, T, Dv)
+    assert shapes == [(B, HKV, T, n), o_shape, row_shape, o_shape, o_shape, row_shape, q_shape, k_shape, v_shape,
+                      q_shape, k_shape, v_shape, o_shape, o_shape, o_shape, o_shape, (B, HQ, T, 3), row_shape]  # fmt: skip
+
+
 # ---- default CPU path ------------------------------------------------------------------------
 @cpu_path_only
 @given(configs(max_block=16), GROUPS, st.integers(1, 2), st.integers(1, 70), st.integers(0, 2**31 - 1))
