@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .kernel_utils import static_sizes
+
 __all__ = ["gated_combine"]
 
 
@@ -108,7 +110,7 @@ def _torch_backward(grad_out, o_cmp, o_slc, o_win, gates):
 def _gated_combine_op(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     if not _use_triton(o_cmp):
         return _torch_forward(o_cmp, o_slc, o_win, gates)
-    D = int(o_cmp.shape[-1])  # a constexpr's source: specialised under dynamic shapes (kernel_utils.static_sizes)
+    (D,) = static_sizes(o_cmp.shape[-1])  # a constexpr's source
     N = o_cmp.numel() // D
     out = torch.empty_like(o_cmp, memory_format=torch.contiguous_format)  # [B, HQ, T, Dv]
     block_r, block_d = _tiles(D)
@@ -127,7 +129,7 @@ def _gated_combine_backward_op(
     (float64 for float64 inputs): ``g_slc * d g_slc = rowsum(o_slc * d o_slc)`` before rounding."""
     if not _use_triton(o_cmp):
         return _torch_backward(grad_out, o_cmp, o_slc, o_win, gates)
-    D = int(o_cmp.shape[-1])  # a constexpr's source: specialised under dynamic shapes (kernel_utils.static_sizes)
+    (D,) = static_sizes(o_cmp.shape[-1])  # a constexpr's source
     N = o_cmp.numel() // D
     d_cmp, d_slc, d_win = (torch.empty_like(o, memory_format=torch.contiguous_format) for o in (o_cmp, o_slc, o_win))
     d_gates = torch.empty_like(gates, memory_format=torch.contiguous_format)  # [B, HQ, T, 3]

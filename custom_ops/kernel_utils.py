@@ -40,10 +40,10 @@ def load_kv_block(k_base, v_base, pos, ok, stride_kt, stride_vt,
 
 def static_sizes(*sizes) -> tuple[int, ...]:
     """``sizes`` as python ints. The kernels take head counts, head dims and slot counts as
-    ``tl.constexpr`` and the launchers branch on them, so under ``torch.compile`` with dynamic
-    shapes (``dynamic=True``, or the automatic dynamic shapes of a recompile) these sizes are
-    specialised: ``int()`` of a ``SymInt`` adds a guard, and each distinct value gets its own graph,
-    as it gets its own kernel. Sequence and batch lengths stay symbolic where a launcher can keep them."""
+    ``tl.constexpr`` and the launchers branch on them, so when ``torch.compile`` traces a launcher with
+    symbolic sizes (the automatic dynamic shapes of a recompile) these sizes are specialised: ``int()``
+    of a ``SymInt`` adds a guard, and each distinct value gets its own graph, as it gets its own kernel.
+    Sequence and batch lengths stay symbolic where a launcher can keep them."""
     return tuple(int(size) for size in sizes)
 
 

@@ -106,9 +106,6 @@ VARIANTS = {
     # with "about 20% more numerical error" (inductor's note) in the log-sum-exp that drives the selection)
     "flex_nsa_train": [{}] * 2,
     "flex_nsa_train_fwd": [{}] * 2,
-    # the same alternating with kernel_utils.TUNING entries ({"tuning": {...}}), filled in per experiment
-    "flex_nsa_train_tuned": [{}] * 2,
-    "flex_nsa_train_fwd_tuned": [{}] * 2,
     "flex_cmp_train_lib": [{}] * 2,
     # CHUNK: queries per dK/dV work item (default: custom_ops/selected_bwd.dkv_chunk).
     # (ROWS 32/128, 8 warps, 1 stage and CHUNK 256 were slower than the default at 64k in sweep-2.md;
@@ -141,7 +138,9 @@ def set_flex_options(variant: dict | None) -> None:
     """Sets ``flex_runtime``'s benchmark hooks for a flex variant: the library's choice for ``{}`` or
     None, no options at all (inductor's defaults) for ``{"inductor": True}``, the library's choice
     plus ``variant["extra"]`` (e.g. ``bwd_`` tiles) for ``{"extra": {...}}``, else the options alone;
-    ``variant["block"]`` forces the window BlockMask's tiles (else the library's choice)."""
+    ``variant["block"]`` forces the window BlockMask's tiles (else the library's choice);
+    ``variant["tuning"]`` sets ``kernel_utils.TUNING`` entries for the row (e.g. a selection-kernel variant
+    in the whole-call rows ``flex_nsa_train*``; session 12 alternated them this way)."""
     variant = dict(variant or {})
     for key, value in variant.pop("tuning", {}).items():  # selection-kernel TUNING entries (cleared per row)
         kernel_utils.TUNING[key] = dict(value)
@@ -235,7 +234,6 @@ def main() -> int:
 
         train_calls = {  # forward+backward with the options of set_flex_options (gradients compared)
             "flex_nsa_train": (nsa_train, (qg, kg, vg, kcg, vcg, gg)),
-            "flex_nsa_train_tuned": (nsa_train, (qg, kg, vg, kcg, vcg, gg)),
             "flex_cmp_train_lib": (cmp_lib_train, (qg, kcg, vcg)),
         }
 
@@ -243,7 +241,6 @@ def main() -> int:
             "flex_cmp_train_fwd": lambda: flexnsa.compressed_attention(qg, kcg, vcg, cfg, scale=scale, return_lse=True),
             "flex_win_train_fwd": lambda: flexnsa.sliding_window_attention(qg, kg, vg, cfg.window, scale=scale),
             "flex_nsa_train_fwd": nsa_train_fwd,
-            "flex_nsa_train_fwd_tuned": nsa_train_fwd,
         }
         sg = small_group_problem(T, cfg, scale, g) if any(n.endswith("_sg") for n in args.kernels.split(",")) else None
         if sg is not None:
@@ -304,7 +301,7 @@ def main() -> int:
                             grads = [x.grad.detach().clone() for x in leaves]
                             first = first_grads.setdefault(name, grads)
                             row["max_abs_diff_o"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(grads, first))
-                        if name.startswith("flex_nsa_train_fwd"):  # the output against the first variant's
+                        if name == "flex_nsa_train_fwd":  # the output against the first variant's
                             out = fn().detach()
                             first = first_grads.setdefault(name, out)
                             row["max_abs_diff_o"] = float((out.float() - first.float()).abs().max())

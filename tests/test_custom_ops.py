@@ -175,7 +175,7 @@ def check_attention(q, k, v, idx, cfg, seed=0):
 @pytest.mark.parametrize("G, HKV", [(1, 2), (3, 1), (4, 2), (16, 1)])
 def test_launchers_trace_with_symbolic_shapes(G, HKV, monkeypatch):
     """Every op's Triton launcher traced with symbolic sizes (``make_fx(tracing_mode="symbolic")``, as
-    ``torch.compile`` does with ``dynamic=True`` or after a recompile marks sizes dynamic) on meta
+    ``torch.compile`` does after a recompile marks sizes dynamic) on meta
     tensors, the launches recorded, not run: the head counts, head dims and slot counts that the
     kernels take as constexprs are specialised (``kernel_utils.static_sizes``) instead of failing
     (seen on the H200: a recompile for the small-group shape, G = 4, raised ValueError in

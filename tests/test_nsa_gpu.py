@@ -104,8 +104,9 @@ def test_nsa_attention_compiles_with_dynamic_shapes():
     """One compiled step over changing sequence lengths, GQA groups (G = 4, 16) and head counts, forward
     and backward against the eager call: the recompiles mark the changed sizes dynamic (torch.compile's
     automatic dynamic shapes), and the kernels' constexpr sizes (heads, head dims, slots) are then
-    specialised (kernel_utils.static_sizes); before that, tracing the small-group shape after a
-    recompile failed on the H200. (``dynamic=True`` from the first call is not supported: it also makes
+    specialised (kernel_utils.static_sizes). Before that, perf/gpu_overhead.py failed this way on the H200
+    (the small-group shape traced after recompiles for the paper shape); this test itself was first run
+    after the fix. (``dynamic=True`` from the first call is not supported on torch 2.11: it also makes
     the config's ints symbolic.)"""
     cfg = flexnsa.NSAConfig()
 
