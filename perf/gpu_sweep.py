@@ -117,6 +117,10 @@ VARIANTS = {
     # from registers as in Triton's fused-attention tutorial: 3.588 against 3.333 ms at 8k, slower; removed)
     # (session 12, sweep-12.md: dV and dK in two launches, one accumulator each: 3.966 against 3.341 ms at 8k,
     # 33.45 against 26.03 at 64k; not committed)
+    # (session 13, sweep-13.md: register caps through maxnreg, 8 warps at 128 registers or 4 at 168, for more
+    # warps per SM, with and without S^T = K q^T and single-buffered loads: every capped variant spilled
+    # (triton's n_spills 58-164) and ran 1.35-3.3x slower, e.g. 8 warps / 2 stages / 128 registers 4.508 against
+    # 3.335 ms at 8k and 36.3 against 26.0 at 64k; S^T = K q^T on 1 stage without a cap 3.807 / 31.3; removed)
     "selected_dkv": [{}, {"CHUNK": 1024}, {"CHUNK": 256}, {"num_stages": 3}],
     # software-pipelining depth of the one-query forward and the dq-from-dS kernels (session 9)
     "selected_fwd_stages": [{}, {"num_stages": 3}, {"num_stages": 1}],
@@ -132,6 +136,26 @@ def union_sizes(idx: torch.Tensor, qt: int = 4) -> float:
     tiles = idx[:, :, : T // qt * qt].reshape(B, HKV, T // qt, qt * n).long().sort(-1).values  # [B, HKV, tiles, qt*n]
     distinct = (tiles[..., 1:] != tiles[..., :-1]) & (tiles[..., 1:] >= 0)
     return float((distinct.sum(-1) + (tiles[..., 0] >= 0)).float().mean())
+
+
+def kernel_resources(jit_fn) -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of a Triton kernel (its
+    ``device_caches``; the layout of that attribute differs between triton versions, so this only
+    collects what it finds)."""
+    found = []
+    for entry in getattr(jit_fn, "device_caches", {}).values():
+        caches = entry if isinstance(entry, (tuple, list)) else (entry,)
+        for cache in caches:
+            if not isinstance(cache, dict):
+                continue
+            for compiled in cache.values():
+                meta = getattr(compiled, "metadata", None)
+                if meta is None:
+                    continue
+                found.append({"num_warps": getattr(meta, "num_warps", None), "num_stages": getattr(meta, "num_stages", None),
+                              "maxnreg": getattr(meta, "maxnreg", None), "n_regs": getattr(compiled, "n_regs", None),
+                              "n_spills": getattr(compiled, "n_spills", None), "shared": getattr(meta, "shared", None)})
+    return found
 
 
 def set_flex_options(variant: dict | None) -> None:
@@ -339,12 +363,19 @@ def main() -> int:
                 print(row, flush=True)
         del q, k, v, kc, vc, gates, gg, lse, o, do, qg, kcg, vcg, kg, vg, do_c, q_corr, idx_corr, o_corr, lse_corr, sg, calls
         torch.cuda.empty_cache()
+    if "selected_dkv" in args.kernels.split(","):
+        from flexnsa.custom_ops import selected_bwd
+
+        resources = {"kernel": "resources", "variant": "_dkv_kernel", "compiled": kernel_resources(selected_bwd._dkv_kernel)}
+        rows.append(resources)
+        print(resources, flush=True)
     md = ["# Launch-parameter sweep (bf16, B=1, HQ=64, HKV=4, D=128, paper config)", "",
           "| T | kernel | variant | ms | select rows differing from default / max abs diff of o (fwd) or of dq, dk, dv (bwd) from the first variant | error |", "|---|---|---|---|---|---|"]
     md += [f"| {r['T']} | {r['kernel']} | `{r['variant']}` | {r.get('ms', float('nan')):.3f} | "
            f"{r.get('rows_differing', r.get('max_abs_diff_o', ''))} | {r.get('error', '')} |" for r in rows if "ms" in r or "error" in r]
     md += [f"\n{r['T']}: {r['variant']}: random {r['random']:.1f}, correlated {r['correlated']:.1f}"
            + (f", small-group random {r['small_group']:.1f}" if "small_group" in r else "") for r in rows if r["kernel"] == "union_sizes"]  # fmt: skip
+    md += [f"\n{r['variant']} compiled variants: {r['compiled']}" for r in rows if r["kernel"] == "resources"]
     write_results(out_dir, "sweep", md, rows)
     print("\n".join(md))
     return 0
