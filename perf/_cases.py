@@ -40,6 +40,8 @@ __all__ = [
     "Inputs",
     "Case",
     "make_inputs",
+    "smoothed_queries",
+    "union_sizes",
     "STAGES",
     "BASELINES",
     "build_nsa",
@@ -101,6 +103,24 @@ def make_inputs(shape: Shape, seq_len: int, config, device, seed: int = 0) -> In
         gates=gates,
         grad_out=torch.randn(B, HQ, T, Dv, generator=gen, device=device, dtype=shape.dtype),
     )
+
+
+def smoothed_queries(q: torch.Tensor, window: int) -> torch.Tensor:
+    """Moving average of ``q [B, H, T, D]`` over the ``window`` queries ending at each position (zeros
+    before the start), times ``sqrt(window)``: unit variance for unit-normal ``q``, and neighbouring
+    queries that select overlapping blocks, as a trained model's do. ``window = 1``: a copy of ``q``."""
+    if window == 1:
+        return q.detach().clone()
+    csum = torch.nn.functional.pad(q.detach().float().cumsum(2), (0, 0, window, 0))  # [B, H, window + T, D]
+    return ((csum[:, :, window:] - csum[:, :, :-window]) / window**0.5).to(q.dtype)  # [B, H, T, D]
+
+
+def union_sizes(idx: torch.Tensor, qt: int = 4) -> float:
+    """Mean number of distinct blocks per tile of ``qt`` consecutive queries (a [B, HKV, T, n] selection)."""
+    B, HKV, T, n = idx.shape
+    tiles = idx[:, :, : T // qt * qt].reshape(B, HKV, T // qt, qt * n).long().sort(-1).values  # [B, HKV, tiles, qt*n]
+    distinct = (tiles[..., 1:] != tiles[..., :-1]) & (tiles[..., 1:] >= 0)
+    return float((distinct.sum(-1) + (tiles[..., 0] >= 0)).float().mean())
 
 
 @dataclasses.dataclass

@@ -25,22 +25,12 @@ import sys
 
 import torch
 
-from _cases import build_baseline, build_nsa, make_inputs  # noqa: E402  (perf/ is on sys.path: run as a script)
+from _cases import build_baseline, build_nsa, make_inputs, smoothed_queries, union_sizes  # noqa: E402  (perf/ is on sys.path: run as a script)
 from _shapes import GPU_SHAPES  # noqa: E402
 from _timing import median_ms  # noqa: E402
 from _writers import markdown_table, write_results  # noqa: E402
-from gpu_sweep import union_sizes  # noqa: E402
 
 import flexnsa  # noqa: E402
-
-
-def smoothed(q: torch.Tensor, window: int) -> torch.Tensor:
-    """Moving average of ``q [B, H, T, D]`` over the ``window`` queries ending at each position
-    (fewer at the start), times ``sqrt(window)``: unit variance for unit-normal ``q``."""
-    if window == 1:
-        return q.detach().clone()
-    csum = torch.nn.functional.pad(q.detach().float().cumsum(2), (0, 0, window, 0))  # [B, H, window + T, D]
-    return ((csum[:, :, window:] - csum[:, :, :-window]) / window**0.5).to(q.dtype)  # [B, H, T, D]
 
 
 def main() -> int:
@@ -59,7 +49,7 @@ def main() -> int:
         cudnn = build_baseline("sdpa-cudnn", inp)
         cudnn_ms = median_ms(cudnn.fwd_bwd, inp.device, leaves=cudnn.leaves)
         for window in (int(x) for x in args.windows.split(",")):
-            inp.q = smoothed(q_random, window).requires_grad_()  # [B, HQ, T, Dk]
+            inp.q = smoothed_queries(q_random, window).requires_grad_()  # [B, HQ, T, Dk]
             with torch.no_grad():
                 idx = flexnsa.select_blocks(inp.q, inp.k_cmp, cfg)  # [B, HKV, T, n]
             nsa = build_nsa(inp)

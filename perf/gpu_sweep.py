@@ -18,7 +18,7 @@ import sys
 import time
 
 import torch
-from _cases import raise_recompile_limit
+from _cases import raise_recompile_limit, smoothed_queries, union_sizes
 from _timing import median_ms
 from _writers import write_results
 
@@ -130,14 +130,6 @@ TUNING_KEY = {"select_split": "select_topn", "select_split_scores": "select_v2",
               "selected_dq_ds_stages": "selected_dq_ds"}
 
 
-def union_sizes(idx: torch.Tensor, qt: int = 4) -> float:
-    """Mean number of distinct blocks per tile of ``qt`` consecutive queries (a [B, HKV, T, n] selection)."""
-    B, HKV, T, n = idx.shape
-    tiles = idx[:, :, : T // qt * qt].reshape(B, HKV, T // qt, qt * n).long().sort(-1).values  # [B, HKV, tiles, qt*n]
-    distinct = (tiles[..., 1:] != tiles[..., :-1]) & (tiles[..., 1:] >= 0)
-    return float((distinct.sum(-1) + (tiles[..., 0] >= 0)).float().mean())
-
-
 def kernel_resources(jit_fn) -> list[dict]:
     """Registers, spills and shared memory of every compiled variant of a Triton kernel (its
     ``device_caches``; the layout of that attribute differs between triton versions, so this only
@@ -218,8 +210,7 @@ def main() -> int:
         ref_sorted = idx_ref.sort(-1).values
         o, lse_s = custom_ops.selected_attention(q, k, v, idx_ref, cfg, scale)
         do = randn(*o.shape)
-        csum = torch.nn.functional.pad(q.float().cumsum(2), (0, 0, 64, 0))  # [B, HQ, 64 + T, D]
-        q_corr = ((csum[:, :, 64:] - csum[:, :, :-64]) / 8).bfloat16()  # mean of 64 queries x sqrt(64)
+        q_corr = smoothed_queries(q, 64)  # [B, HQ, T, D]: mean of 64 queries x sqrt(64)
         _, lse_c = flexnsa.compressed_attention(q_corr, kc, vc, cfg, scale=scale, return_lse=True)
         idx_corr = custom_ops.select_blocks(q_corr, kc, lse_c.float().contiguous(), cfg, scale)
         o_corr, lse_corr = custom_ops.selected_attention(q_corr, k, v, idx_corr, cfg, scale)
