@@ -38,7 +38,7 @@ CMD[sweep]="python3 perf/gpu_sweep.py";    LIMIT[sweep]=240
 CMD[ncu]="bash perf/gpu_ncu.sh";             LIMIT[ncu]=150
 CMD[overhead]="python3 perf/gpu_overhead.py"; LIMIT[overhead]=150
 CMD[streams]="python3 perf/gpu_streams.py"; LIMIT[streams]=200
-CMD[locality]="python3 perf/gpu_locality.py"; LIMIT[locality]=200  # the call with the install: 53 s at 8k (H200, session 13)
+CMD[locality]="python3 perf/gpu_locality.py"; LIMIT[locality]=200  # 38 s at 8k (H200, session 13)
 summary=""
 for stage in "$@"; do
   name=${stage%%:*}; limit=${stage#*:}; [ "$limit" = "$stage" ] && limit=${LIMIT[$name]}
